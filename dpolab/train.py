@@ -1,0 +1,402 @@
+"""The training loop shared by `dpolab train` (DPO family) and `dpolab sft`.
+
+Read top to bottom: `train`/`sft` build the data, the models and an *objective* (a function
+`(model, batch) -> (per-example losses, per-example stats)`), then `fit` runs the loop:
+
+    for each optimizer step (data order fixed by seed and step, so resume is exact):
+        for each of grad_accum micro-batches:   forward, objective, backward
+        clip, skip if non-finite, AdamW step, LR schedule step
+        log / evaluate / checkpoint
+
+Distributed runs go through Hugging Face Accelerate (DDP, FSDP, DeepSpeed): each process
+takes its own slice of every step's pairs, Accelerate synchronises gradients, and metrics
+are reduced as sums and counts across processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .config import SFTConfig, TrainConfig, resolve, save as save_config
+from .data import load_pairs, split_eval
+from .data.collate import collate, collate_pairs, to_device
+from .losses import REFERENCE_FREE, LossParams, PairLogps, compute_loss
+from .logprobs import forward_logps, pair_logps, sequence_logps
+from .metrics import MetricsLogger
+from .models import add_lora, bf16_supported, cache_dir, load_model, load_tokenizer, resolve_model_path
+from . import reference as ref
+
+
+class TrainingError(RuntimeError):
+    """A run cannot continue (one clear line for the user)."""
+
+
+@dataclass
+class Run:
+    """What every part of one run needs."""
+
+    cfg: TrainConfig | SFTConfig
+    accelerator: object
+    output_dir: Path
+    tokenizer: object
+    bf16: bool
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    def autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- entry points
+def train(cfg: TrainConfig | None = None, **overrides) -> dict:
+    """DPO-family training. `train(data="pairs.jsonl", loss="ipo")` or `train(TrainConfig(...))`."""
+    cfg = cfg or resolve(TrainConfig, **overrides)
+    if cfg.sft_first:
+        cfg = _after_sft_stage(cfg)
+    run = start_run(cfg)
+    pairs, train_idx, eval_idx = load_data(cfg, run)
+    policy = build_policy(cfg, run)
+    reference = build_reference(cfg, run, policy, pairs)
+    params = LossParams(cfg.beta, cfg.label_smoothing, cfg.gamma, cfg.alpha, cfg.sft_weight)
+
+    def objective(model, batch):
+        return dpo_objective(cfg.loss, params, model, reference, batch, run)
+
+    def make_batch(indices):
+        batch = collate_pairs([pairs[i] for i in indices], run.tokenizer.pad_token_id, cfg.packing)
+        batch["index"] = torch.tensor(indices)
+        return to_device(batch, run.device)
+
+    return fit(run, policy, train_idx, eval_idx, objective, make_batch)
+
+
+def sft(cfg: SFTConfig | None = None, **overrides) -> dict:
+    """Supervised fine-tuning on prompt + chosen (the paper's SFT stage / Preferred-FT)."""
+    cfg = cfg or resolve(SFTConfig, **overrides)
+    run = start_run(cfg)
+    pairs, train_idx, eval_idx = load_data(cfg, run)
+    policy = build_policy(cfg, run)
+
+    def make_batch(indices):
+        chosen = [pairs[i] for i in indices]
+        batch = collate([p.prompt_ids for p in chosen], [p.chosen_ids for p in chosen], run.tokenizer.pad_token_id, cfg.packing)
+        return to_device(batch, run.device)
+
+    return fit(run, policy, train_idx, eval_idx, sft_objective, make_batch)
+
+
+def _after_sft_stage(cfg: TrainConfig) -> TrainConfig:
+    """Run SFT on the same data first; its result becomes the DPO policy and reference."""
+    import dataclasses
+
+    sft_dir = Path(cfg.output_dir) / "sft"
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(SFTConfig) if f.name not in ("lr", "output_dir")}
+    if not (sft_dir / "final").exists():
+        sft(SFTConfig(**{**shared, "output_dir": str(sft_dir), "lora": False}))
+    return dataclasses.replace(cfg, model=str(sft_dir / "final"), ref_model="", sft_first=False)
+
+
+# ----------------------------------------------------------------------------- objectives
+def dpo_objective(loss_name: str, params: LossParams, model, reference, batch: dict, run: Run):
+    """Pair batch -> (per-pair losses (B,), stats of shape (B,)) for any loss of the family."""
+    policy_chosen_logps, policy_rejected_logps = pair_logps(model, batch)
+    half = batch["lengths"].shape[0] // 2
+    if reference is None:
+        reference_chosen_logps = reference_rejected_logps = None
+    else:
+        reference_chosen_logps, reference_rejected_logps = ref.reference_logps(model, reference, batch, run.autocast)
+    logps = PairLogps(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+        batch["lengths"][:half].float(), batch["lengths"][half:].float(),
+    )
+    out = compute_loss(loss_name, logps, params)
+    stats = {
+        "loss": out.losses.detach(),
+        "rewards/chosen": out.chosen_rewards,
+        "rewards/rejected": out.rejected_rewards,
+        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
+        "rewards/margins": out.chosen_rewards - out.rejected_rewards,
+        "logps/chosen": policy_chosen_logps.detach(),
+        "logps/rejected": policy_rejected_logps.detach(),
+    }
+    return out.losses, stats
+
+
+def sft_objective(model, batch: dict):
+    """Per-example mean token NLL of the completion (prompt tokens are not trained on)."""
+    logps = sequence_logps(forward_logps(model, batch), batch)
+    losses = -logps / batch["lengths"].float()
+    return losses, {"loss": losses.detach(), "logps/chosen": logps.detach()}
+
+
+# ----------------------------------------------------------------------------- set-up
+def start_run(cfg) -> Run:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(cpu=cfg.device == "cpu", gradient_accumulation_steps=cfg.grad_accum)
+    if cfg.device == "cuda" and accelerator.device.type != "cuda":
+        raise TrainingError("device cuda requested but no CUDA GPU is available")
+    set_seed(cfg.seed)
+    output_dir = Path(cfg.output_dir)
+    if not cfg.resume and (checkpoint.latest(output_dir) or (output_dir / "final").exists()):
+        raise TrainingError(f"{output_dir} already holds a run: pass --resume to continue it or choose another --output-dir")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+    bf16 = cfg.bf16 == "true" or (cfg.bf16 == "auto" and bf16_supported(accelerator.device))
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    return Run(cfg, accelerator, output_dir, tokenizer, bf16)
+
+
+def load_data(cfg, run: Run):
+    """Tokenised pairs (train then eval in one list) and the index ranges of each split."""
+    kw = dict(
+        max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, prompt_column=cfg.prompt_column,
+        chosen_column=cfg.chosen_column, rejected_column=cfg.rejected_column, split=cfg.split,
+        cache_dir=str(cache_dir() / "data"),
+    )
+    if not cfg.data:
+        raise TrainingError("no training data: pass --data FILE")
+    train_pairs, report = load_pairs(cfg.data, run.tokenizer, **kw)
+    if cfg.eval_data:
+        eval_pairs, eval_report = load_pairs(cfg.eval_data, run.tokenizer, **kw)
+        if run.accelerator.is_main_process:
+            eval_report.write(run.output_dir / "eval_data_report.json")
+    else:
+        train_pairs, eval_pairs = split_eval(train_pairs, cfg.eval_fraction, cfg.seed)
+    if run.accelerator.is_main_process:
+        report.write(run.output_dir / "data_report.json")
+    if not train_pairs:
+        raise TrainingError(f"{cfg.data}: no usable training pairs (see {run.output_dir / 'data_report.json'})")
+    pairs = train_pairs + eval_pairs
+    return pairs, list(range(len(train_pairs))), list(range(len(train_pairs), len(pairs)))
+
+
+def build_policy(cfg, run: Run):
+    model = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora:
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    return model.to(run.device).train()
+
+
+def build_reference(cfg: TrainConfig, run: Run, policy, pairs):
+    """A frozen model, "adapter" (LoRA base), a cached (N, 2) tensor, or None (reference-free)."""
+    if cfg.loss in REFERENCE_FREE:
+        return None
+    if cfg.ref_model:
+        reference = _frozen(cfg.ref_model, cfg, run)
+    elif cfg.lora:
+        reference = "adapter"
+    else:
+        reference = _frozen(cfg.model, cfg, run)
+    if not cfg.precompute_ref:
+        return reference
+    identity = ref.model_identity(resolve_model_path(cfg.ref_model or cfg.model)) + f";bf16={run.bf16}"
+    key = ref.fingerprint(pairs, identity, cfg.packing)
+    compute = lambda: ref.compute_all(  # noqa: E731
+        policy, reference, pairs, cfg.eval_batch_size, run.tokenizer.pad_token_id, cfg.packing, run.device, run.autocast
+    )
+    values = ref.cached(cache_dir() / "reference" / f"{key}.safetensors", compute)
+    return values  # the reference model is dropped here: its memory is freed
+
+
+def _frozen(path: str, cfg, run: Run):
+    from .models import same_tokenizer
+
+    if path != cfg.model and not same_tokenizer(run.tokenizer, load_tokenizer(path, cfg.trust_remote_code)):
+        raise TrainingError(f"reference model {path} uses a different tokenizer than the policy {cfg.model}")
+    model = load_model(path, trust_remote_code=cfg.trust_remote_code).to(run.device).eval()
+    model.requires_grad_(False)
+    return model
+
+
+# ----------------------------------------------------------------------------- the loop
+def fit(run: Run, model, train_idx: list[int], eval_idx: list[int], objective, make_batch) -> dict:
+    cfg, acc = run.cfg, run.accelerator
+    world, per_step = acc.num_processes, cfg.batch_size * cfg.grad_accum * acc.num_processes
+    steps_per_epoch = len(train_idx) // per_step
+    if steps_per_epoch == 0:
+        raise TrainingError(f"{len(train_idx)} training pairs is fewer than one step's {per_step} (batch_size x grad_accum x processes)")
+    total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+    optimizer, scheduler = make_optimizer(cfg, model, total)
+    model, optimizer = acc.prepare(model, optimizer)
+    counters = {"step": 0, "bad_steps": 0}
+    if cfg.resume and (last := checkpoint.latest(run.output_dir)):
+        counters = resume(last, model, optimizer, scheduler, acc)
+    logger = MetricsLogger(run.output_dir, total, counters["step"], acc.is_main_process, cfg.progress)
+    try:
+        while counters["step"] < total:
+            step = counters["step"]
+            indices = step_indices(train_idx, step, steps_per_epoch, per_step, cfg.seed)
+            start = time.perf_counter()
+            stats = train_step(run, model, optimizer, scheduler, indices, objective, make_batch, counters)
+            counters["step"] = step + 1
+            stats = finish_stats(stats, time.perf_counter() - start, scheduler, acc)
+            if counters["step"] % cfg.log_every == 0 or counters["step"] == total:
+                logger.log(counters["step"], stats)
+            if eval_idx and cfg.eval_every and counters["step"] % cfg.eval_every == 0 and counters["step"] < total:
+                logger.log(counters["step"], evaluate(run, model, eval_idx, objective, make_batch), "eval")
+            if cfg.save_every and counters["step"] % cfg.save_every == 0 and counters["step"] < total:
+                save_checkpoint(run, model, optimizer, scheduler, counters)
+        if eval_idx:
+            logger.log(counters["step"], evaluate(run, model, eval_idx, objective, make_batch), "eval")
+        save_checkpoint(run, model, optimizer, scheduler, counters)
+        save_final(run, model)
+    finally:
+        logger.close()
+    logger.summary(f"dpolab {type(cfg).__name__.replace('Config', '').lower()}: {run.output_dir}")
+    return {"output_dir": str(run.output_dir), "steps": counters["step"], "bad_steps": counters["bad_steps"], "history": logger.history}
+
+
+def step_indices(train_idx: list[int], step: int, steps_per_epoch: int, per_step: int, seed: int) -> list[int]:
+    """The pairs of optimizer step `step`: a fixed function of (seed, step), so resume is exact.
+
+    Each epoch is a fresh permutation; the `len % per_step` pairs left over are different
+    ones every epoch (reshuffled), as with a drop-last data loader.
+    """
+    epoch, k = divmod(step, steps_per_epoch)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(len(train_idx), generator=g)[k * per_step : (k + 1) * per_step]
+    return [train_idx[i] for i in perm.tolist()]
+
+
+def make_optimizer(cfg, model, total_steps: int):
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    name = {"constant": "constant_with_warmup"}.get(cfg.scheduler, cfg.scheduler)
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+def train_step(run: Run, model, optimizer, scheduler, indices, objective, make_batch, counters) -> dict:
+    """One optimizer step over grad_accum micro-batches of this process's share of `indices`."""
+    cfg, acc = run.cfg, run.accelerator
+    collected: dict[str, list] = {}
+    tokens = 0
+    for micro in range(cfg.grad_accum):
+        # micro-batch j of process r: the r-th slice of the j-th (batch_size x processes) block
+        base = (micro * acc.num_processes + acc.process_index) * cfg.batch_size
+        batch = make_batch(indices[base : base + cfg.batch_size])
+        tokens += int(batch["attention_mask"].sum()) if batch["attention_mask"] is not None else batch["input_ids"].numel()
+        with acc.accumulate(model):
+            with run.autocast():
+                losses, stats = objective(model, batch)
+            # mean over the micro-batch; Accelerate divides by grad_accum and DDP averages
+            # processes, so the gradient is the mean over every pair of the step.
+            acc.backward(losses.mean())
+            for k, v in stats.items():
+                collected.setdefault(k, []).append(v.float())
+            if acc.sync_gradients:
+                grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+                finite = bool(torch.isfinite(grad_norm)) and all(bool(torch.isfinite(v).all()) for v in collected["loss"])
+                if finite:
+                    optimizer.step()
+                else:
+                    _bad_step(run, counters, indices)
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+    out = {k: torch.cat(v) for k, v in collected.items()}
+    out["grad_norm"] = grad_norm.detach().float().reshape(1)
+    out["_tokens"] = torch.tensor([float(tokens)])
+    return out
+
+
+def _bad_step(run: Run, counters: dict, indices) -> None:
+    counters["bad_steps"] += 1
+    if counters["bad_steps"] > run.cfg.max_bad_steps:
+        raise TrainingError(
+            f"{counters['bad_steps']} steps had a non-finite loss or gradient (limit --max-bad-steps "
+            f"{run.cfg.max_bad_steps}); last at step {counters['step'] + 1}, pairs {sorted(indices)}"
+        )
+    run.accelerator.print(f"warning: non-finite loss or gradient at step {counters['step'] + 1}; step skipped (pairs {sorted(indices)})")
+
+
+def finish_stats(stats: dict, seconds: float, scheduler, acc) -> dict:
+    """Per-example tensors -> means over all processes, plus throughput and lr."""
+    out = reduce_means(stats, acc, skip=("grad_norm", "_tokens"))
+    out["grad_norm"] = float(acc.reduce(stats["grad_norm"].to(acc.device), "mean"))
+    pairs = float(acc.reduce(torch.tensor([float(len(stats["loss"]))], device=acc.device), "sum"))
+    tokens = float(acc.reduce(stats["_tokens"].to(acc.device), "sum"))
+    out.update({"lr": scheduler.get_last_lr()[0], "pairs/s": pairs / seconds, "tokens/s": tokens / seconds})
+    return out
+
+
+def reduce_means(stats: dict, acc, skip=()) -> dict:
+    """Exact means across processes: sums and counts are reduced, not per-process means."""
+    out = {}
+    for k, v in stats.items():
+        if k in skip:
+            continue
+        sums = torch.stack([v.sum(), torch.tensor(float(v.numel()))]).to(acc.device)
+        total, count = acc.reduce(sums, "sum").tolist()
+        out[k] = total / max(count, 1.0)
+    return out
+
+
+@torch.no_grad()
+def evaluate(run: Run, model, eval_idx: list[int], objective, make_batch) -> dict:
+    """Loss and implicit-reward metrics on held-out pairs; each process takes every n-th batch."""
+    acc, size = run.accelerator, run.cfg.eval_batch_size
+    model.eval()
+    collected: dict[str, list] = {}
+    batches = [eval_idx[i : i + size] for i in range(0, len(eval_idx), size)]
+    for chunk in batches[acc.process_index :: acc.num_processes]:
+        with run.autocast():
+            _, stats = objective(model, make_batch(chunk))
+        for k, v in stats.items():
+            collected.setdefault(k, []).append(v.float())
+    model.train()
+    stats = {k: torch.cat(v) for k, v in collected.items()} or {"loss": torch.zeros(0)}
+    return reduce_means(stats, acc)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(run: Run, model, optimizer, scheduler, counters: dict) -> None:
+    checkpoint.save(run.output_dir, counters["step"], model, run.tokenizer, optimizer, scheduler, dict(counters), run.accelerator)
+    if run.accelerator.is_main_process:
+        checkpoint.prune(run.output_dir, run.cfg.keep_last)
+
+
+def resume(path: Path, model, optimizer, scheduler, acc) -> dict:
+    state = checkpoint.load_state(path)
+    checkpoint.load_weights(acc.unwrap_model(model), path)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    checkpoint.restore_rng(state)
+    acc.print(f"resumed from {path} at step {state['step']}")
+    return dict(state["counters"])
+
+
+def save_final(run: Run, model) -> None:
+    """The trained model in HF format at <output_dir>/final (and merged weights with --merge-lora)."""
+    acc = run.accelerator
+    weights = acc.get_state_dict(model)
+    if not acc.is_main_process:
+        return
+    unwrapped = acc.unwrap_model(model)
+    checkpoint.save_model(unwrapped, run.tokenizer, run.output_dir / "final", weights)
+    if getattr(run.cfg, "merge_lora", False) and hasattr(unwrapped, "merge_and_unload"):
+        import copy
+
+        merged = copy.deepcopy(unwrapped).merge_and_unload()
+        checkpoint.save_model(merged, run.tokenizer, run.output_dir / "merged")
