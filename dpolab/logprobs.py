@@ -1,40 +1,74 @@
 """Model + batch -> per-sequence (and per-token) completion log-probs.
 
 `log pi(y|x)` is the SUM over completion tokens of `log p(y_t | x, y_<t)`; prompt and
-padding never count. The LM head runs only at the K positions that predict a completion
-token (transformers' `logits_to_keep` with a boolean mask), so the (positions x vocab)
-logits tensor is K x V instead of N x L x V, and the log-softmax is never materialised:
-`log p(y_t) = logit[y_t] - logsumexp(logits)`, evaluated in fp32 chunks.
+padding never count. The LM head runs only at the P positions whose logits are needed
+(transformers' `logits_to_keep` with a boolean mask), so the (positions x vocab) logits
+tensor is P x V instead of N x L x V, and the log-softmax is never materialised:
+`log p(y_t) = logit[y_t] - logsumexp(logits)`, the logsumexp evaluated in fp32 chunks.
+With prefix sharing one kept logit serves the first token of both completions
+(`batch["target_rows"]`); with segment attention the batch's `segments` go to
+`dpolab.attention`. The batch layouts are described in `dpolab.data.collate`.
 """
 
 from __future__ import annotations
 
 import torch
 
-CHUNK = 2048  # rows of the K x V logits upcast to fp32 at a time
+CHUNK = 2048  # rows of the P x V logits upcast to fp32 at a time
 
 
-def token_logps_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """logits (K, V) any float dtype, targets (K,) -> log p(target) (K,) fp32, chunked."""
-    out = []
+def token_logps_from_logits(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (P, V) any float dtype, targets (K,), rows (K,) -> log p(target) (K,) fp32.
+
+    `rows[k]` is the logits row that predicts `targets[k]` (None: row k, so K == P).
+    """
+    lse = []
     for start in range(0, logits.shape[0], CHUNK):
-        chunk = logits[start : start + CHUNK].float()
-        picked = chunk.gather(-1, targets[start : start + CHUNK, None]).squeeze(-1)
-        out.append(picked - chunk.logsumexp(-1))
-    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+        lse.append(logits[start : start + CHUNK].float().logsumexp(-1))
+    if not lse:
+        return logits.new_zeros(0, dtype=torch.float32)
+    lse = torch.cat(lse)
+    if rows is None:
+        return logits.gather(-1, targets[:, None]).squeeze(-1).float() - lse
+    return logits[rows, targets].float() - lse[rows]
 
 
-def forward_logps(model, batch: dict) -> torch.Tensor:
-    """Per-token completion log-probs (K,) fp32, in the order of batch['targets']."""
-    out = model(
+def model_inputs(model, batch: dict) -> dict:
+    """Keyword arguments of the model call for a batch (segment attention switched on if needed)."""
+    kwargs = dict(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         position_ids=batch["position_ids"],
         logits_to_keep=batch["keep_mask"],
         use_cache=False,
     )
-    logits = out.logits.reshape(-1, out.logits.shape[-1])  # (K, V)
-    return token_logps_from_logits(logits, batch["targets"])
+    if batch.get("segments") is not None:
+        from . import attention
+
+        attention.enable(model)
+        kwargs["dpolab_segments"] = batch["segments"]
+    elif kwargs["attention_mask"] is not None and kwargs["attention_mask"].dim() == 4:
+        kwargs["attention_mask"] = _mask_for(model, kwargs["attention_mask"])
+    return kwargs
+
+
+def _mask_for(model, mask: torch.Tensor) -> torch.Tensor:
+    """A boolean 4D mask as the model's attention expects it: SDPA takes bool, eager adds a float mask."""
+    from .attention import SUPPORTED, model_config
+
+    impl = getattr(model_config(model), "_attn_implementation", "sdpa")
+    if impl not in SUPPORTED:
+        raise ValueError(f"prefix sharing needs sdpa or eager attention, the model uses {impl}: pass --no-prefix-sharing")
+    if impl == "eager":
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    return mask
+
+
+def forward_logps(model, batch: dict) -> torch.Tensor:
+    """Per-token completion log-probs (K,) fp32, in the order of batch['targets']."""
+    out = model(**model_inputs(model, batch))
+    logits = out.logits.reshape(-1, out.logits.shape[-1])  # (P, V)
+    return token_logps_from_logits(logits, batch["targets"], batch.get("target_rows"))
 
 
 def sequence_logps(token_logps: torch.Tensor, batch: dict) -> torch.Tensor:

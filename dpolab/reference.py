@@ -1,9 +1,14 @@
 """Reference log-probs: a frozen model, the LoRA base with adapters disabled, or a disk cache.
 
 DPO needs `log pi_ref(y|x)` for every chosen and rejected completion. They never change
-during training, so `--precompute-ref` computes them once (in inference mode, no autograd
-state), stores them as safetensors keyed by a hash of the token ids and the reference
-model, and frees the reference model. Live and cached give the same numbers.
+during training, so `--precompute-ref` computes them once (no autograd state), stores them
+as safetensors keyed by a hash of the token ids and the reference model, and frees the
+reference model. Live and cached give the same numbers.
+
+In a multi-process run each process computes its share of the batches, a sum across
+processes assembles the full table on every rank, and rank 0 alone writes the cache. Forwards
+run under `no_grad`, not `inference_mode`: FSDP and ZeRO-3 modify parameters in place while
+gathering them, which inference tensors refuse.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .data.collate import collate_pairs, to_device
+from .distributed import main_decides, rounds
 from .logprobs import pair_logps
 
 
@@ -29,10 +35,17 @@ def reference_logps(policy, reference, batch: dict, autocast) -> tuple[torch.Ten
     if isinstance(reference, torch.Tensor):
         cached = reference[batch["index"].cpu()].to(batch["input_ids"].device)
         return cached[:, 0], cached[:, 1]
-    with torch.inference_mode(), autocast():
+    with torch.no_grad(), autocast():
         if isinstance(reference, str):  # "adapter": same weights, LoRA switched off
-            with unwrap(policy).disable_adapter():
-                return pair_logps(policy, batch)
+            # call the (possibly FSDP/DDP-wrapped) policy itself so sharded weights are gathered;
+            # eval mode: ZeRO-3 mixes up its fetch order in a no-grad forward of a training module
+            training = policy.training
+            policy.eval()
+            try:
+                with unwrap(policy).disable_adapter():
+                    return pair_logps(policy, batch)
+            finally:
+                policy.train(training)
         return pair_logps(reference, batch)
 
 
@@ -61,27 +74,49 @@ def model_identity(path: str) -> str:
     return ";".join(parts)
 
 
-@torch.inference_mode()
-def compute_all(policy, reference, pairs, batch_size: int, pad_id: int, packing: bool, device, autocast) -> torch.Tensor:
-    """Reference log-probs of every pair: (N, 2) fp32 tensor [chosen, rejected]."""
-    out = []
-    for start in range(0, len(pairs), batch_size):
+@torch.no_grad()
+def compute_all(
+    policy, reference, pairs, batch_size: int, pad_id: int, packing: bool, device, autocast, rank: int = 0, world: int = 1
+) -> torch.Tensor:
+    """Reference log-probs of every pair: (N, 2) fp32 tensor [chosen, rejected].
+
+    With world > 1 only the rows of this process's batches are filled (the rest stay 0), and
+    every process runs the same number of forwards (see `distributed.rounds`).
+    """
+    out = torch.zeros(len(pairs), 2)
+    for start, keep in rounds(list(range(0, len(pairs), batch_size)), rank, world):
         chunk = pairs[start : start + batch_size]
         batch = to_device(collate_pairs(chunk, pad_id, packing), device)
         chosen, rejected = reference_logps(policy, reference, batch, autocast)
-        out.append(torch.stack([chosen, rejected], dim=1).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, 2)
+        if keep:
+            out[start : start + len(chunk)] = torch.stack([chosen, rejected], dim=1).float().cpu()
+    return out
 
 
-def cached(path: Path, compute) -> torch.Tensor:
-    """Load the (N, 2) reference tensor from `path`, or compute and store it atomically."""
-    if path.exists():
-        return load_file(str(path))["logps"]
-    values = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"logps": values.contiguous()}, str(tmp))
-    os.replace(tmp, path)
+def cached(path: Path, compute, accelerator=None) -> torch.Tensor:
+    """Load the (N, 2) reference tensor from `path`, or compute and store it atomically.
+
+    With an `accelerator` of several processes every process must call this: rank 0 decides
+    whether the cache is there (all ranks follow), `compute()` returns each rank's rows with
+    zeros elsewhere, a sum across processes gives every rank the full table, rank 0 writes.
+    """
+    acc = accelerator
+    if acc is None or acc.num_processes == 1:
+        if path.exists():
+            return load_file(str(path))["logps"]
+        values = compute()
+    else:
+        hit = main_decides(acc, lambda: load_file(str(path))["logps"] if path.exists() else None)
+        if hit is not None:
+            return hit
+        values = acc.reduce(compute().to(acc.device), "sum").cpu()
+    if acc is None or acc.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({"logps": values.contiguous()}, str(tmp))
+        os.replace(tmp, path)
+    if acc is not None:
+        acc.wait_for_everyone()
     return values
 
 

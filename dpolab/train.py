@@ -31,7 +31,8 @@ from .losses import REFERENCE_FREE, LossParams, PairLogps, compute_loss
 from .logprobs import forward_logps, pair_logps, sequence_logps
 from .metrics import MetricsLogger
 from .models import add_lora, bf16_supported, cache_dir, load_model, load_tokenizer, resolve_model_path
-from . import reference as ref
+from . import distributed, reference as ref
+from . import safety
 
 
 class TrainingError(RuntimeError):
@@ -47,6 +48,7 @@ class Run:
     output_dir: Path
     tokenizer: object
     bf16: bool
+    pair_rows: list | None = None  # source row number of every pair index (names bad batches)
 
     @property
     def device(self):
@@ -67,18 +69,22 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     run = start_run(cfg)
     pairs, train_idx, eval_idx = load_data(cfg, run)
     policy = build_policy(cfg, run)
-    reference = build_reference(cfg, run, policy, pairs)
+    reference = build_reference(cfg, run)
     params = LossParams(cfg.beta, cfg.label_smoothing, cfg.gamma, cfg.alpha, cfg.sft_weight)
 
     def objective(model, batch):
         return dpo_objective(cfg.loss, params, model, reference, batch, run)
+
+    def on_prepared(model):  # the policy is wrapped / sharded now, and not yet resumed
+        nonlocal reference
+        reference = finish_reference(cfg, run, model, reference, pairs)
 
     def make_batch(indices):
         batch = collate_pairs([pairs[i] for i in indices], run.tokenizer.pad_token_id, cfg.packing)
         batch["index"] = torch.tensor(indices)
         return to_device(batch, run.device)
 
-    return fit(run, policy, train_idx, eval_idx, objective, make_batch)
+    return fit(run, policy, train_idx, eval_idx, objective, make_batch, on_prepared)
 
 
 def sft(cfg: SFTConfig | None = None, **overrides) -> dict:
@@ -110,12 +116,14 @@ def _after_sft_stage(cfg: TrainConfig) -> TrainConfig:
 # ----------------------------------------------------------------------------- objectives
 def dpo_objective(loss_name: str, params: LossParams, model, reference, batch: dict, run: Run):
     """Pair batch -> (per-pair losses (B,), stats of shape (B,)) for any loss of the family."""
-    policy_chosen_logps, policy_rejected_logps = pair_logps(model, batch)
     half = batch["lengths"].shape[0] // 2
+    # Reference first: with "adapter" it is a no-grad forward of the same (possibly FSDP-sharded)
+    # module, which must not fall between the policy's forward and its backward.
     if reference is None:
         reference_chosen_logps = reference_rejected_logps = None
     else:
         reference_chosen_logps, reference_rejected_logps = ref.reference_logps(model, reference, batch, run.autocast)
+    policy_chosen_logps, policy_rejected_logps = pair_logps(model, batch)
     logps = PairLogps(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
         batch["lengths"][:half].float(), batch["lengths"][half:].float(),
@@ -145,19 +153,34 @@ def start_run(cfg) -> Run:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(cpu=cfg.device == "cpu", gradient_accumulation_steps=cfg.grad_accum)
+    distributed.check_launch()
+    accelerator = Accelerator(cpu=distributed.use_cpu(cfg.device), gradient_accumulation_steps=cfg.grad_accum)
+    distributed.check_accumulation(accelerator, cfg.grad_accum)
     if cfg.device == "cuda" and accelerator.device.type != "cuda":
         raise TrainingError("device cuda requested but no CUDA GPU is available")
     set_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
-    if not cfg.resume and (checkpoint.latest(output_dir) or (output_dir / "final").exists()):
-        raise TrainingError(f"{output_dir} already holds a run: pass --resume to continue it or choose another --output-dir")
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
+    # Rank 0 alone looks at the folder and every rank raises its error: a rank failing alone
+    # would leave the others waiting at their next collective.
+    problem = distributed.main_decides(accelerator, lambda: _claim_output_dir(cfg, output_dir))
+    if problem:
+        raise TrainingError(problem)
     bf16 = cfg.bf16 == "true" or (cfg.bf16 == "auto" and bf16_supported(accelerator.device))
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    with accelerator.local_main_process_first():  # one process per machine converts / caches
+        tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     return Run(cfg, accelerator, output_dir, tokenizer, bf16)
+
+
+def _claim_output_dir(cfg, output_dir: Path) -> str | None:
+    """(Rank 0) refuse a folder holding another run, else create it and write config.yaml."""
+    if not cfg.resume and (checkpoint.latest(output_dir) or (output_dir / "final").exists()):
+        return f"{output_dir} already holds a run: pass --resume to continue it or choose another --output-dir"
+    try:
+        safety.check_writable(output_dir)
+    except TrainingError as e:
+        return str(e)
+    save_config(cfg, output_dir / "config.yaml")
+    return None
 
 
 def load_data(cfg, run: Run):
@@ -169,9 +192,11 @@ def load_data(cfg, run: Run):
     )
     if not cfg.data:
         raise TrainingError("no training data: pass --data FILE")
-    train_pairs, report = load_pairs(cfg.data, run.tokenizer, **kw)
+    with run.accelerator.local_main_process_first():  # one process per machine tokenises, the rest read its cache
+        train_pairs, report = load_pairs(cfg.data, run.tokenizer, **kw)
     if cfg.eval_data:
-        eval_pairs, eval_report = load_pairs(cfg.eval_data, run.tokenizer, **kw)
+        with run.accelerator.local_main_process_first():
+            eval_pairs, eval_report = load_pairs(cfg.eval_data, run.tokenizer, **kw)
         if run.accelerator.is_main_process:
             eval_report.write(run.output_dir / "eval_data_report.json")
     else:
@@ -181,40 +206,60 @@ def load_data(cfg, run: Run):
     if not train_pairs:
         raise TrainingError(f"{cfg.data}: no usable training pairs (see {run.output_dir / 'data_report.json'})")
     pairs = train_pairs + eval_pairs
+    run.pair_rows = [p.row for p in pairs]
     return pairs, list(range(len(train_pairs))), list(range(len(train_pairs), len(pairs)))
 
 
 def build_policy(cfg, run: Run):
     model = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.lora:
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-    return model.to(run.device).train()
+    # FSDP and DeepSpeed place (and shard) the weights in `prepare`: a full copy on one device
+    # first would not fit for the models they are used for.
+    return (model if distributed.is_sharded(run.accelerator) else model.to(run.device)).train()
 
 
-def build_reference(cfg: TrainConfig, run: Run, policy, pairs):
-    """A frozen model, "adapter" (LoRA base), a cached (N, 2) tensor, or None (reference-free)."""
+def build_reference(cfg: TrainConfig, run: Run):
+    """None (reference-free), "adapter" (LoRA base), "initial" (the policy itself before its
+    first step, for --precompute-ref: no second copy is loaded) or a frozen model."""
     if cfg.loss in REFERENCE_FREE:
         return None
     if cfg.ref_model:
-        reference = _frozen(cfg.ref_model, cfg, run)
-    elif cfg.lora:
-        reference = "adapter"
-    else:
-        reference = _frozen(cfg.model, cfg, run)
-    if not cfg.precompute_ref:
+        return _frozen(cfg.ref_model, cfg, run)
+    if cfg.lora:
+        return "adapter"
+    return "initial" if cfg.precompute_ref else _frozen(cfg.model, cfg, run)
+
+
+def finish_reference(cfg: TrainConfig, run: Run, policy, reference, pairs):
+    """Once Accelerate has prepared the policy (and before a resume loads trained weights):
+    place a frozen model, and with --precompute-ref turn the reference into the cached (N, 2)
+    tensor, each process computing its share with the prepared, possibly sharded, models."""
+    acc = run.accelerator
+    if isinstance(reference, torch.nn.Module):
+        reference = distributed.prepare_frozen(reference, acc)
+    if reference is None or not cfg.precompute_ref:
         return reference
-    identity = ref.model_identity(resolve_model_path(cfg.ref_model or cfg.model)) + f";bf16={run.bf16}"
-    key = ref.fingerprint(pairs, identity, cfg.packing)
+    source = policy if isinstance(reference, str) and reference == "initial" else reference
+    identity = ref.model_identity(resolve_model_path(cfg.ref_model or cfg.model)) + f";bf16={run.bf16};mp={acc.mixed_precision}"
+    path = cache_dir() / "reference" / f"{ref.fingerprint(pairs, identity, cfg.packing)}.safetensors"
     compute = lambda: ref.compute_all(  # noqa: E731
-        policy, reference, pairs, cfg.eval_batch_size, run.tokenizer.pad_token_id, cfg.packing, run.device, run.autocast
+        policy, source, pairs, cfg.eval_batch_size, run.tokenizer.pad_token_id, cfg.packing, run.device, run.autocast,
+        acc.process_index, acc.num_processes,
     )
-    values = ref.cached(cache_dir() / "reference" / f"{key}.safetensors", compute)
-    return values  # the reference model is dropped here: its memory is freed
+    policy.eval()
+    try:
+        return ref.cached(path, compute, acc)  # a frozen reference model is dropped: memory freed
+    finally:
+        policy.train()
 
 
 def _frozen(path: str, cfg, run: Run):
@@ -222,13 +267,14 @@ def _frozen(path: str, cfg, run: Run):
 
     if path != cfg.model and not same_tokenizer(run.tokenizer, load_tokenizer(path, cfg.trust_remote_code)):
         raise TrainingError(f"reference model {path} uses a different tokenizer than the policy {cfg.model}")
-    model = load_model(path, trust_remote_code=cfg.trust_remote_code).to(run.device).eval()
+    with distributed.full_copy_loading():
+        model = load_model(path, trust_remote_code=cfg.trust_remote_code).eval()
     model.requires_grad_(False)
-    return model
+    return model  # placed on its device by `finish_reference`, once the launch is known
 
 
 # ----------------------------------------------------------------------------- the loop
-def fit(run: Run, model, train_idx: list[int], eval_idx: list[int], objective, make_batch) -> dict:
+def fit(run: Run, model, train_idx: list[int], eval_idx: list[int], objective, make_batch, on_prepared=None) -> dict:
     cfg, acc = run.cfg, run.accelerator
     world, per_step = acc.num_processes, cfg.batch_size * cfg.grad_accum * acc.num_processes
     steps_per_epoch = len(train_idx) // per_step
@@ -236,11 +282,16 @@ def fit(run: Run, model, train_idx: list[int], eval_idx: list[int], objective, m
         raise TrainingError(f"{len(train_idx)} training pairs is fewer than one step's {per_step} (batch_size x grad_accum x processes)")
     total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     optimizer, scheduler = make_optimizer(cfg, model, total)
+    safety.prepare_output(run, model, total)
+    distributed.configure_deepspeed(acc, cfg.batch_size, cfg.grad_accum, cfg.max_grad_norm)
     model, optimizer = acc.prepare(model, optimizer)
-    counters = {"step": 0, "bad_steps": 0}
-    if cfg.resume and (last := checkpoint.latest(run.output_dir)):
-        counters = resume(last, model, optimizer, scheduler, acc)
+    if on_prepared is not None:
+        on_prepared(model)
+    counters = {"step": 0, "bad_steps": 0, "global_batch": per_step}
+    if cfg.resume and (last := distributed.main_decides(acc, lambda: checkpoint.latest(run.output_dir))):
+        counters = resume(last, model, optimizer, scheduler, acc, counters)
     logger = MetricsLogger(run.output_dir, total, counters["step"], acc.is_main_process, cfg.progress)
+    stop = safety.GracefulStop().install()  # SIGINT/SIGTERM: save at the next step boundary
     try:
         while counters["step"] < total:
             step = counters["step"]
@@ -255,11 +306,15 @@ def fit(run: Run, model, train_idx: list[int], eval_idx: list[int], objective, m
                 logger.log(counters["step"], evaluate(run, model, eval_idx, objective, make_batch), "eval")
             if cfg.save_every and counters["step"] % cfg.save_every == 0 and counters["step"] < total:
                 save_checkpoint(run, model, optimizer, scheduler, counters)
+            if stop.requested(acc):
+                save_checkpoint(run, model, optimizer, scheduler, counters)
+                raise stop.interrupted(counters["step"], run.output_dir, acc)
         if eval_idx:
             logger.log(counters["step"], evaluate(run, model, eval_idx, objective, make_batch), "eval")
         save_checkpoint(run, model, optimizer, scheduler, counters)
         save_final(run, model)
     finally:
+        stop.restore()
         logger.close()
     logger.summary(f"dpolab {type(cfg).__name__.replace('Config', '').lower()}: {run.output_dir}")
     return {"output_dir": str(run.output_dir), "steps": counters["step"], "bad_steps": counters["bad_steps"], "history": logger.history}
@@ -307,8 +362,13 @@ def train_step(run: Run, model, optimizer, scheduler, indices, objective, make_b
             for k, v in stats.items():
                 collected.setdefault(k, []).append(v.float())
             if acc.sync_gradients:
-                grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-                finite = bool(torch.isfinite(grad_norm)) and all(bool(torch.isfinite(v).all()) for v in collected["loss"])
+                norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+                # DeepSpeed clips inside its engine and may report no norm (None): nothing to check
+                grad_norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
+                bad_loss = float(not all(bool(torch.isfinite(v).all()) for v in collected["loss"]))
+                # one decision for all processes: a rank skipping alone would desynchronise the weights
+                bad_loss = float(acc.reduce(torch.tensor([bad_loss], device=acc.device), "sum"))
+                finite = (norm is None or bool(torch.isfinite(grad_norm))) and bad_loss == 0
                 if finite:
                     optimizer.step()
                 else:
@@ -323,12 +383,14 @@ def train_step(run: Run, model, optimizer, scheduler, indices, objective, make_b
 
 def _bad_step(run: Run, counters: dict, indices) -> None:
     counters["bad_steps"] += 1
+    # Name the data rows (1-based, as in the data report), which the user can look up in the file.
+    rows = f"rows {sorted(run.pair_rows[i] for i in indices)} of {run.cfg.data}" if run.pair_rows else f"pairs {sorted(indices)}"
     if counters["bad_steps"] > run.cfg.max_bad_steps:
         raise TrainingError(
             f"{counters['bad_steps']} steps had a non-finite loss or gradient (limit --max-bad-steps "
-            f"{run.cfg.max_bad_steps}); last at step {counters['step'] + 1}, pairs {sorted(indices)}"
+            f"{run.cfg.max_bad_steps}); last at step {counters['step'] + 1}, {rows}"
         )
-    run.accelerator.print(f"warning: non-finite loss or gradient at step {counters['step'] + 1}; step skipped (pairs {sorted(indices)})")
+    run.accelerator.print(f"warning: non-finite loss or gradient at step {counters['step'] + 1}; step skipped ({rows})")
 
 
 def finish_stats(stats: dict, seconds: float, scheduler, acc) -> dict:
@@ -347,7 +409,7 @@ def reduce_means(stats: dict, acc, skip=()) -> dict:
     for k, v in stats.items():
         if k in skip:
             continue
-        sums = torch.stack([v.sum(), torch.tensor(float(v.numel()))]).to(acc.device)
+        sums = torch.tensor([float(v.sum()), float(v.numel())], dtype=torch.float64, device=acc.device)
         total, count = acc.reduce(sums, "sum").tolist()
         out[k] = total / max(count, 1.0)
     return out
@@ -355,16 +417,21 @@ def reduce_means(stats: dict, acc, skip=()) -> dict:
 
 @torch.no_grad()
 def evaluate(run: Run, model, eval_idx: list[int], objective, make_batch) -> dict:
-    """Loss and implicit-reward metrics on held-out pairs; each process takes every n-th batch."""
+    """Loss and implicit-reward metrics on held-out pairs; each process takes every n-th batch.
+
+    Every process runs the same number of forwards (FSDP / ZeRO-3 gather weights inside
+    forward); a padding round's results are dropped but its (empty) keys kept, so every
+    process reduces the same metrics.
+    """
     acc, size = run.accelerator, run.cfg.eval_batch_size
     model.eval()
     collected: dict[str, list] = {}
     batches = [eval_idx[i : i + size] for i in range(0, len(eval_idx), size)]
-    for chunk in batches[acc.process_index :: acc.num_processes]:
+    for chunk, keep in distributed.rounds(batches, acc.process_index, acc.num_processes):
         with run.autocast():
             _, stats = objective(model, make_batch(chunk))
         for k, v in stats.items():
-            collected.setdefault(k, []).append(v.float())
+            collected.setdefault(k, []).append(v.float() if keep else v.float()[:0])
     model.train()
     stats = {k: torch.cat(v) for k, v in collected.items()} or {"loss": torch.zeros(0)}
     return reduce_means(stats, acc)
@@ -377,26 +444,46 @@ def save_checkpoint(run: Run, model, optimizer, scheduler, counters: dict) -> No
         checkpoint.prune(run.output_dir, run.cfg.keep_last)
 
 
-def resume(path: Path, model, optimizer, scheduler, acc) -> dict:
+def resume(path: Path, model, optimizer, scheduler, acc, counters: dict) -> dict:
+    """Every process loads the same checkpoint (on several machines output_dir must be shared)."""
     state = checkpoint.load_state(path)
-    checkpoint.load_weights(acc.unwrap_model(model), path)
-    optimizer.load_state_dict(state["optimizer"])
+    saved = state["counters"].get("global_batch", counters["global_batch"])
+    if saved != counters["global_batch"]:
+        raise TrainingError(
+            f"{path} was trained with {saved} pairs per step but this launch takes {counters['global_batch']} "
+            "(batch_size x grad_accum x processes): relaunch with the same global batch to continue it"
+        )
+    if bool(state.get("sharded")) != distributed.is_sharded(acc):
+        kind = "an FSDP/DeepSpeed" if state.get("sharded") else "a single-process/DDP"
+        raise TrainingError(f"{path} was written by {kind} run: resume it with the same kind of launch")
+    if state.get("sharded"):
+        acc.load_state(str(path / checkpoint.SHARDS))  # each rank's weight and optimizer shards
+    else:
+        checkpoint.load_weights(acc.unwrap_model(model), path)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     checkpoint.restore_rng(state)
     acc.print(f"resumed from {path} at step {state['step']}")
-    return dict(state["counters"])
+    return {**counters, **state["counters"]}
 
 
 def save_final(run: Run, model) -> None:
     """The trained model in HF format at <output_dir>/final (and merged weights with --merge-lora)."""
     acc = run.accelerator
-    weights = acc.get_state_dict(model)
-    if not acc.is_main_process:
-        return
-    unwrapped = acc.unwrap_model(model)
-    checkpoint.save_model(unwrapped, run.tokenizer, run.output_dir / "final", weights)
-    if getattr(run.cfg, "merge_lora", False) and hasattr(unwrapped, "merge_and_unload"):
-        import copy
+    weights = acc.get_state_dict(model)  # consolidated: FSDP / ZeRO shards gathered onto rank 0
+    if acc.is_main_process:
+        unwrapped = acc.unwrap_model(model)
+        checkpoint.save_model(unwrapped, run.tokenizer, run.output_dir / "final", weights)
+        if getattr(run.cfg, "merge_lora", False) and hasattr(unwrapped, "merge_and_unload"):
+            checkpoint.save_model(_merged(unwrapped, run), run.tokenizer, run.output_dir / "merged")
+    acc.wait_for_everyone()  # other ranks may read final/ next (--sft-first)
 
-        merged = copy.deepcopy(unwrapped).merge_and_unload()
-        checkpoint.save_model(merged, run.tokenizer, run.output_dir / "merged")
+
+def _merged(unwrapped, run: Run):
+    """The LoRA policy merged into its base. Sharded weights cannot be merged in place, so a
+    sharded run rebuilds the model from the consolidated final/ on CPU."""
+    if distributed.is_sharded(run.accelerator):
+        return load_model(str(run.output_dir / "final"), trust_remote_code=run.cfg.trust_remote_code).merge_and_unload()
+    import copy
+
+    return copy.deepcopy(unwrapped).merge_and_unload()

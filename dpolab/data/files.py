@@ -82,14 +82,19 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[int, dict]]:
 
 
 def _read_bytes(source: str) -> bytes:
-    """The whole (decompressed) file. Files here are preference datasets, small enough for RAM."""
+    """The whole (decompressed) file, without a UTF-8 byte order mark (Windows tools write one).
+
+    Files here are preference datasets, small enough to hold in memory.
+    """
     try:
         if source.lower().endswith(".gz"):
             with gzip.open(source, "rb") as f:
-                return f.read()
-        return Path(source).read_bytes()
+                data = f.read()
+        else:
+            data = Path(source).read_bytes()
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{source}: cannot read file: {e}") from None
+    return data[3:] if data.startswith(b"\xef\xbb\xbf") else data
 
 
 def _json_lines(source: str, data: bytes) -> Iterator[tuple[int, dict]]:
@@ -175,8 +180,6 @@ def _decoded_lines(data: bytes) -> Iterator[str]:
 def _read_csv(source: str) -> Iterator[tuple[int, dict]]:
     """CSV with a header line; every cell is a string. Strict quoting: a broken quote is an error."""
     data = _read_bytes(source)
-    if data.startswith(b"\xef\xbb\xbf"):  # Excel writes a UTF-8 byte order mark
-        data = data[3:]
     # Long transcripts exceed csv's default 128 KiB cell limit; raising it is harmless.
     csv.field_size_limit(2**31 - 1)
     reader = csv.reader(_decoded_lines(data), strict=True)

@@ -10,7 +10,8 @@ Decisions (beyond the TRL conventions this follows):
   conversational completions end with the template's end-of-turn already.
 - Drop reasons added here: ``template prefix mismatch`` (the chat template does not render the
   prompt as a prefix of prompt + completion), ``chat template error`` (the template raised for that
-  row, e.g. roles that do not alternate), ``empty completion``, ``prompt does not fit``, and
+  row, e.g. roles that do not alternate), ``empty prompt`` / ``empty completion`` (tokenises to
+  nothing), ``prompt does not fit``, and
   ``chosen == rejected after truncation`` (identical completions give zero gradient and a fake
   50% accuracy, so they are not kept).
 - The cache (``load_pairs(cache_dir=...)``) is a numpy ``.npz`` loaded with ``allow_pickle=False``:
@@ -97,7 +98,7 @@ def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_leng
         if keep_first and max_prompt_length > 1:
             prompt = prompt[:1] + prompt[len(prompt) - (max_prompt_length - 1):]
         else:
-            prompt = prompt[len(prompt) - max_prompt_length:] if max_prompt_length > 0 else []
+            prompt = prompt[len(prompt) - max_prompt_length:]
     room = max_length - len(prompt)
     if room <= 0:
         return None
@@ -134,8 +135,9 @@ def tokenize_examples(examples: Sequence[PreferenceExample], tokenizer, report: 
     Updates ``report`` in place: drops (with reasons), ``truncated`` (pairs cut in any way) and
     ``kept`` (set to the number of pairs returned).
     """
-    if max_length <= 0 or max_prompt_length < 0:
-        raise ValueError(f"max_length must be > 0 and max_prompt_length >= 0, got {max_length}, {max_prompt_length}")
+    if max_length < 2 or max_prompt_length < 1:
+        # A pair needs at least one prompt token to predict the first completion token from.
+        raise ValueError(f"need max_length >= 2 and max_prompt_length >= 1, got {max_length}, {max_prompt_length}")
     examples, texts = _render_all(list(examples), tokenizer, report)
     if not texts:
         report.kept = 0
@@ -150,6 +152,9 @@ def tokenize_examples(examples: Sequence[PreferenceExample], tokenizer, report: 
     for ex, p, c, r in zip(examples, p_ids, c_ids, r_ids):
         if adds_bos and p[:2] == [bos, bos]:  # the chat template wrote BOS too
             p = p[1:]
+        if not p:  # nothing to predict the first completion token from
+            report.drop("empty prompt", ex.row)
+            continue
         if not c or not r:
             report.drop("empty completion", ex.row)
             continue

@@ -170,3 +170,10 @@ def test_source_fingerprint_follows_content(tmp_path):
     write_jsonl(path, ROWS[:1])
     assert source_fingerprint(str(path)) != first
     assert source_fingerprint("org/name") == "name:org/name"
+
+
+@pytest.mark.parametrize("name", ["bom.jsonl", "bom.csv"])
+def test_utf8_byte_order_mark_is_ignored(tmp_path, name):
+    path = write_jsonl(tmp_path / name, ROWS) if name.endswith("jsonl") else write_csv(tmp_path / name, ROWS)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert [r for _, r in read_rows(str(path))] == ROWS

@@ -1,0 +1,79 @@
+"""Segment attention: packed rows without one big masked T x T attention.
+
+A packed row of S sequences of length ~L costs (S L)^2 in one masked attention call, of
+which only ~S L^2 is useful: the CPU and GPU SDPA kernels compute masked-out blocks too.
+Here each block of the row (a sequence, or a prefix-shared completion with its prompt as
+context, see `dpolab.data.collate`) gets its own small attention call; the rest of the
+model still runs once over the whole padding-free row.
+
+It plugs into transformers through its public `AttentionInterface`: `enable(model)` switches
+the model to the implementation `"dpolab_segments"`, which runs SDPA per block when the
+forward call carries `dpolab_segments=` and is exactly transformers' SDPA otherwise (the
+mask for that case is built as for SDPA). `_attn_implementation` is not saved with the
+model, so checkpoints are unaffected.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "dpolab_segments"
+SUPPORTED = ("sdpa", "eager", NAME)  # implementations whose math the segment path reproduces
+
+
+def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, dpolab_segments=None, **kwargs):
+    """query (1, H, T, D), key/value (1, Hkv, T, D) -> (1, T, H, D), block by block."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if dpolab_segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError("segment attention needs a packed batch (one row)")
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    dropout = dropout if module.training else 0.0
+    outs = []
+    for start, length, ctx_start, ctx_length in dpolab_segments:
+        q = query[:, :, start : start + length]
+        k = key[:, :, start : start + length]
+        v = value[:, :, start : start + length]
+        if ctx_length == 0:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+        else:
+            k = torch.cat([key[:, :, ctx_start : ctx_start + ctx_length], k], dim=2)
+            v = torch.cat([value[:, :, ctx_start : ctx_start + ctx_length], v], dim=2)
+            # query i sees the whole context and its own block up to i (bottom-right causal)
+            mask = torch.ones(length, ctx_length + length, dtype=torch.bool, device=q.device).tril(ctx_length)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+        outs.append(out)
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Make `"dpolab_segments"` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, segment_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+
+
+def enable(model) -> None:
+    """Switch `model` (a transformers model, possibly wrapped by PEFT or DDP) to segment attention."""
+    config = model_config(model)
+    current = getattr(config, "_attn_implementation", None)
+    if current == NAME:
+        return
+    if current not in SUPPORTED:
+        raise ValueError(
+            f"segment attention and prefix sharing need sdpa or eager attention, the model uses {current}: "
+            "pass --no-segment-attention --no-prefix-sharing"
+        )
+    register()
+    config._attn_implementation = NAME
+
+
+def model_config(model):
+    inner = getattr(model, "module", model)  # DDP / FSDP wrapper
+    return getattr(inner, "config", None)

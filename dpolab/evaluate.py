@@ -1,0 +1,308 @@
+"""`dpolab eval`: measure a trained policy against its reference.
+
+Two evaluations, either or both:
+
+- Preference accuracy on held-out pairs (`--data`): the fraction of pairs whose implicit
+  reward beta*(log pi - log pi_ref) puts chosen above rejected, ties counted half (so a policy
+  equal to its reference scores exactly 0.5), with a 95% interval (Wilson or bootstrap) and the
+  mean reward margin with its standard error.
+- Generation on a prompt set (`--prompts`, `--reward`): samples from the policy and from a
+  baseline (the reference by default) with the same seed and settings, scored by a reward
+  function; mean reward, win rate of policy over baseline per sample (ties half) with a 95%
+  interval, and the sequence KL estimate E_{y~pi}[log pi(y|x) - log pi_ref(y|x)] with its SE.
+  The KL uses the log-probs of exactly the sampled token ids (the stop token excluded).
+
+Everything goes to `<output_dir>/eval.json` and a table on the terminal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import opt, resolve
+from .score import NotTraining
+
+
+@dataclass
+class EvalConfig(NotTraining):
+    """`dpolab eval`: preference accuracy on pairs; reward, win rate and KL from samples."""
+
+    model: str = opt("default", "Policy: a checkpoint dir, a LoRA adapter dir, 'default' or a hub id.")
+    ref_model: str = opt("", "Reference; empty = the adapter's base (LoRA) or the `model` in the run's config.yaml.")
+    beta: float = opt(0.1, "beta of the implicit reward; use the beta the policy was trained with.")
+    data: str = opt("", "Held-out preference pairs for preference accuracy (any format `train` reads).")
+    prompts: str = opt("", "Prompt set for generation-based evaluation (a prompt column, or pairs whose prompts are used).")
+    limit: int = opt(0, "Use only the first N pairs / prompts (0 = all).")
+    reward: str = opt("", "Reward function for samples: sentiment | length | regex | module:function | a reward-model path.")
+    baseline: str = opt("reference", "What the policy's samples are compared with: reference | none | a model path.")
+    num_samples: int = opt(1, "Samples per prompt (policy and baseline alike).")
+    max_new_tokens: int = opt(48, "Tokens sampled per completion.")
+    temperature: float = opt(1.0, "Sampling temperature.")
+    top_p: float = opt(1.0, "Nucleus sampling threshold (1 = off).")
+    seed: int = opt(0, "Sampling seed (the same for policy and baseline) and bootstrap seed.")
+    ci: str = opt("wilson", "95% interval of accuracy and win rate: wilson | bootstrap.")
+    n_boot: int = opt(2000, "Bootstrap resamples (with --ci bootstrap).")
+    prompt_column: str = opt("prompt", "Column holding the prompt.")
+    chosen_column: str = opt("chosen", "Column holding the preferred completion.")
+    rejected_column: str = opt("rejected", "Column holding the dispreferred completion.")
+    max_length: int = opt(1024, "Max tokens of prompt + completion; longer pairs are truncated.")
+    max_prompt_length: int = opt(512, "Prompt tokens kept (from the end) when a pair is too long.")
+    batch_size: int = opt(8, "Sequences per forward pass / prompts per generation batch.")
+    packing: bool = opt(True, "Padding-free batches (positions restart per sequence).")
+    bf16: str = opt("false", "bf16 autocast: auto | true | false (false = exact fp32).")
+    device: str = opt("auto", "auto | cpu | cuda.")
+    trust_remote_code: bool = opt(False, "Allow model repos to run their own Python code.")
+    output_dir: str = opt("runs/eval", "Where eval.json is written.")
+
+
+def evaluate(cfg: EvalConfig | None = None, **overrides) -> dict:
+    """Run the evaluations the config asks for; returns (and writes) the eval.json content."""
+    from .score import load_model_pair
+
+    cfg = cfg or resolve(EvalConfig, **overrides)
+    check(cfg)
+    prompts = load_prompts(cfg.prompts, cfg.prompt_column, cfg.limit) if cfg.prompts else None
+    pair = load_model_pair(cfg.model, cfg.ref_model, device=cfg.device, bf16=cfg.bf16,
+                           trust_remote_code=cfg.trust_remote_code)
+    start = time.perf_counter()
+    result = {"model": cfg.model, "reference": pair.names[1], "beta": cfg.beta}
+    if cfg.data:
+        result["preference"] = preference_eval(pair, cfg)
+    if prompts is not None:
+        result["generation"] = generation_eval(pair, prompts, cfg)
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    print_result(result, out / "eval.json")
+    return result
+
+
+def check(cfg: EvalConfig) -> None:
+    if not cfg.data and not cfg.prompts:
+        raise ValueError("nothing to evaluate: pass --data PAIRS and/or --prompts PROMPTS")
+    if cfg.prompts and not cfg.reward:
+        raise ValueError("generation-based evaluation needs --reward (e.g. sentiment, length, module:function)")
+    if cfg.ci not in ("wilson", "bootstrap"):
+        raise ValueError(f"ci must be wilson or bootstrap, got {cfg.ci!r}")
+    if cfg.num_samples < 1 or cfg.batch_size < 1 or cfg.limit < 0:
+        raise ValueError("num_samples and batch_size must be >= 1 and limit >= 0")
+
+
+# ----------------------------------------------------------------------------- preference accuracy
+def pair_rewards(pair, pairs, beta: float, batch_size: int, packing: bool = True):
+    """Implicit rewards of TokenizedPairs: (chosen_rewards (B,), rejected_rewards (B,)) float64 numpy."""
+    import numpy as np
+
+    items = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    policy_token_logps, reference_token_logps = pair.token_logps(items, batch_size, packing)
+    policy_logps = np.array([float(t.double().sum()) for t in policy_token_logps])
+    reference_logps = np.array([float(t.double().sum()) for t in reference_token_logps])
+    rewards = beta * (policy_logps - reference_logps)
+    return rewards[: len(pairs)], rewards[len(pairs):]
+
+
+def accuracy_summary(chosen_rewards, rejected_rewards, ci: str = "wilson", n_boot: int = 2000, seed: int = 0) -> dict:
+    """Preference accuracy (ties half) with its 95% interval, and the mean margin with its SE."""
+    from .stats import mean_se, outcomes, proportion_interval
+
+    correct = outcomes(chosen_rewards, rejected_rewards)
+    if correct.size == 0:
+        raise ValueError("no preference pairs to evaluate")
+    lo, hi = proportion_interval(correct, ci, n_boot, seed)
+    margin, margin_se = mean_se(chosen_rewards - rejected_rewards)
+    return {
+        "n": int(correct.size), "accuracy": float(correct.mean()), "ci": [lo, hi], "ci_method": ci,
+        "correct": int((correct == 1).sum()), "ties": int((correct == 0.5).sum()), "wrong": int((correct == 0).sum()),
+        "mean_margin": margin, "margin_se": margin_se,
+        "mean_chosen_reward": float(chosen_rewards.mean()), "mean_rejected_reward": float(rejected_rewards.mean()),
+    }
+
+
+def load_eval_pairs(source: str, tokenizer, cfg) -> list:
+    from .data import load_pairs
+    from .models import cache_dir
+
+    pairs, report = load_pairs(source, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                               prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
+                               rejected_column=cfg.rejected_column, cache_dir=str(cache_dir() / "data"))
+    pairs = pairs[: cfg.limit] if cfg.limit else pairs
+    if not pairs:
+        raise ValueError(f"{source}: no usable preference pairs ({report.dropped or 'empty'})")
+    return pairs
+
+
+def preference_eval(pair, cfg: EvalConfig) -> dict:
+    pairs = load_eval_pairs(cfg.data, pair.tokenizer, cfg)
+    chosen_rewards, rejected_rewards = pair_rewards(pair, pairs, cfg.beta, cfg.batch_size, cfg.packing)
+    return {"data": cfg.data, **accuracy_summary(chosen_rewards, rejected_rewards, cfg.ci, cfg.n_boot, cfg.seed)}
+
+
+# ----------------------------------------------------------------------------- generation
+def load_prompts(source: str, prompt_column: str = "prompt", limit: int = 0) -> list:
+    """Prompts (text or messages) from a prompt column, or the prompts of a preference-pair file."""
+    import itertools
+
+    from .data.files import DataError, read_rows
+    from .data.formats import normalise
+
+    rows = list(itertools.islice(read_rows(source), limit or None))
+    if not rows:
+        raise ValueError(f"{source}: empty prompt set")
+    if prompt_column in rows[0][1]:
+        prompts = []
+        for n, raw in rows:
+            p = raw.get(prompt_column)
+            if not isinstance(p, (str, list)) or not p or (isinstance(p, str) and not p.strip()):
+                raise DataError(f"{source}: row {n}: field '{prompt_column}': expected a non-empty prompt text or messages")
+            prompts.append(p)
+        return prompts
+    if "chosen" in rows[0][1] and "rejected" in rows[0][1]:
+        prompts = [e.prompt for e in normalise(rows, source, prompt_column)[0]]
+        if not prompts:
+            raise ValueError(f"{source}: empty prompt set (no usable pair to take a prompt from)")
+        return prompts
+    raise DataError(f"{source}: row {rows[0][0]}: no '{prompt_column}' column (and no preference pairs to take prompts from)")
+
+
+@contextlib.contextmanager
+def baseline_model(pair, spec: str, cfg: EvalConfig):
+    """(model, tokenizer) of the baseline: the reference, or another model (any tokenizer)."""
+    if spec == "reference":
+        with pair.reference_model() as model:
+            yield model, pair.tokenizer
+        return
+    from .models import load_tokenizer
+    from .score import load_frozen
+
+    tokenizer = load_tokenizer(spec, cfg.trust_remote_code)
+    yield load_frozen(spec, pair.device, cfg.trust_remote_code), tokenizer
+
+
+@dataclass
+class Samples:
+    """num_samples completions per prompt, flattened prompt-major (sample j of prompt i at i*n + j)."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]  # exactly the sampled tokens, the stop token excluded
+    texts: list[str]
+
+
+def draw_samples(model, tokenizer, prompts: list, cfg, autocast=None) -> Samples:
+    """Sample with the config's fixed seed and settings (the same for every model compared)."""
+    from .generate import encode_prompt, sample_ids
+
+    ids = sample_ids(model, tokenizer, prompts, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
+                     temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.batch_size,
+                     autocast=autocast)
+    prompt_ids = [encode_prompt(p, tokenizer) for p in prompts]
+    flat = [(prompt_ids[i], c) for i, row in enumerate(ids) for c in row]
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for _, c in flat]
+    return Samples([p for p, _ in flat], [c for _, c in flat], texts)
+
+
+def sequence_kl(pair, prompt_ids: list[list[int]], completion_ids: list[list[int]], batch_size: int = 8,
+                packing: bool = True) -> dict:
+    """KL(pi || pi_ref) estimate from samples y ~ pi: mean and SE of log pi(y|x) - log pi_ref(y|x).
+
+    The log-probs are of the sampled token ids themselves (no re-tokenisation); an empty
+    sample contributes 0.
+    """
+    from .stats import kl_estimate
+
+    kept = [(p, c) for p, c in zip(prompt_ids, completion_ids) if c]
+    policy_token_logps, reference_token_logps = pair.token_logps(kept, batch_size, packing)
+    empty = len(completion_ids) - len(kept)
+    policy_logps = [float(t.double().sum()) for t in policy_token_logps] + [0.0] * empty
+    reference_logps = [float(t.double().sum()) for t in reference_token_logps] + [0.0] * empty
+    mean, se = kl_estimate(policy_logps, reference_logps)
+    return {"mean": mean, "se": se, "n": len(completion_ids), "empty_samples": empty}
+
+
+def judge_texts(prompts: list, num_samples: int) -> list[str]:
+    """The prompt text the reward function sees for every flattened sample."""
+    from .generate import prompt_text
+
+    return [prompt_text(p) for p in prompts for _ in range(num_samples)]
+
+
+def generation_eval(pair, prompts: list, cfg: EvalConfig) -> dict:
+    from .rewards import load_reward
+    from .stats import mean_se
+
+    reward_fn = load_reward(cfg.reward)
+    texts = judge_texts(prompts, cfg.num_samples)
+    autocast = pair.autocast if pair.bf16 else None
+    policy = draw_samples(pair.policy, pair.tokenizer, prompts, cfg, autocast)
+    policy_rewards = [float(r) for r in reward_fn(texts, policy.texts)]
+    mean, se = mean_se(policy_rewards)
+    out = {"prompts": len(prompts), "num_samples": cfg.num_samples, "reward_fn": cfg.reward,
+           "sampling": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed},
+           "policy_reward": {"mean": mean, "se": se},
+           "kl": sequence_kl(pair, policy.prompt_ids, policy.completion_ids, cfg.batch_size, cfg.packing)}
+    examples = [{"prompt": t, "policy": c, "policy_reward": r} for t, c, r in zip(texts, policy.texts, policy_rewards)][:5]
+    if cfg.baseline != "none":
+        with baseline_model(pair, cfg.baseline, cfg) as (model, tokenizer):
+            baseline = draw_samples(model, tokenizer, prompts, cfg, autocast)
+        baseline_rewards = [float(r) for r in reward_fn(texts, baseline.texts)]
+        out.update(compare(policy_rewards, baseline_rewards, cfg))
+        for e, c, r in zip(examples, baseline.texts, baseline_rewards):
+            e.update({"baseline": c, "baseline_reward": r})
+    out["examples"] = examples
+    return out
+
+
+def compare(policy_rewards: list[float], baseline_rewards: list[float], cfg: EvalConfig) -> dict:
+    """Baseline mean reward and the win rate of policy over baseline, sample by sample, ties half."""
+    from .stats import mean_se, outcomes, proportion_interval, win_rate
+
+    b_mean, b_se = mean_se(baseline_rewards)
+    wins = win_rate(policy_rewards, baseline_rewards)
+    lo, hi = proportion_interval(outcomes(policy_rewards, baseline_rewards), cfg.ci, cfg.n_boot, cfg.seed)
+    return {"baseline": cfg.baseline, "baseline_reward": {"mean": b_mean, "se": b_se},
+            "win_rate": {**wins, "ci": [lo, hi], "ci_method": cfg.ci}}
+
+
+# ----------------------------------------------------------------------------- display
+def result_rows(result: dict) -> list[tuple[str, str]]:
+    """(metric, value) rows of an eval.json, shared by the terminal table and the HTML report."""
+    rows = [("model", str(result.get("model"))), ("reference", str(result.get("reference"))), ("beta", f"{result.get('beta')}")]
+    pref = result.get("preference")
+    if pref:
+        rows += [
+            ("pairs", f"{pref['n']}  ({pref['correct']} right, {pref['ties']} ties, {pref['wrong']} wrong)"),
+            ("preference accuracy", f"{pref['accuracy']:.3f}  [{pref['ci'][0]:.3f}, {pref['ci'][1]:.3f}] 95% {pref['ci_method']}"),
+            ("mean reward margin", f"{pref['mean_margin']:+.4f} +/- {pref['margin_se']:.4f} (SE)"),
+            ("mean chosen / rejected reward", f"{pref['mean_chosen_reward']:+.4f} / {pref['mean_rejected_reward']:+.4f}"),
+        ]
+    gen = result.get("generation")
+    if gen:
+        rows += [
+            ("prompts x samples", f"{gen['prompts']} x {gen['num_samples']}  (reward: {gen['reward_fn']})"),
+            ("policy mean reward", f"{gen['policy_reward']['mean']:.4f} +/- {gen['policy_reward']['se']:.4f} (SE)"),
+            ("sequence KL(pi || pi_ref)", f"{gen['kl']['mean']:.4f} +/- {gen['kl']['se']:.4f} (SE) nats"),
+        ]
+        if "win_rate" in gen:
+            w = gen["win_rate"]
+            rows += [
+                (f"baseline ({gen['baseline']}) mean reward", f"{gen['baseline_reward']['mean']:.4f} +/- {gen['baseline_reward']['se']:.4f} (SE)"),
+                ("win rate vs baseline", f"{w['win_rate']:.3f}  [{w['ci'][0]:.3f}, {w['ci'][1]:.3f}] 95% {w['ci_method']}  "
+                                         f"({w['wins']} W / {w['ties']} T / {w['losses']} L)"),
+            ]
+    return rows
+
+
+def print_result(result: dict, path: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"dpolab eval ({result.get('seconds', 0)} s) -> {path}")
+    table.add_column("metric")
+    table.add_column("value")
+    for name, value in result_rows(result):
+        table.add_row(name, value)
+    Console().print(table)

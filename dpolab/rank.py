@@ -1,0 +1,206 @@
+"""`dpolab rank`: several models on the same items, a win matrix and a Bradley-Terry ranking.
+
+Every model gets one score per item, and model i beats model j on an item when its score is
+higher (a tie is half a win each):
+
+- pairs (`--data`): the item is a preference pair and the score is whether the model's
+  implicit reward orders it correctly (1 right, 0.5 tie, 0 wrong). So i beats j on the pairs
+  where i is right and j is not.
+- prompts (`--prompts --reward`): the item is a (prompt, sample index) and the score is the
+  judge's reward of the model's sample; all models sample with the same seed and settings.
+
+The win counts are fitted with a Bradley-Terry model (shown on the Elo scale) with bootstrap
+intervals from resampling items. Outputs: rank.json, win_matrix.png and a ranked table.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import opt, resolve
+from .score import NotTraining
+
+
+@dataclass
+class RankConfig(NotTraining):
+    """`dpolab rank`: several checkpoints on the same pairs or prompts; win matrix and Bradley-Terry ranking."""
+
+    models: str = opt("", "Comma-separated model paths (checkpoints, LoRA adapters, 'default').")
+    names: str = opt("", "Comma-separated display names (default: the paths).")
+    ref_model: str = opt("", "Reference for every model in pairs mode; empty = each model's own (adapter base / run config).")
+    beta: float = opt(0.1, "beta of the implicit reward (pairs mode).")
+    data: str = opt("", "Preference pairs: rank by correct implicit-reward ordering.")
+    prompts: str = opt("", "Prompt set: rank by the judge's reward of each model's samples (needs --reward).")
+    reward: str = opt("", "Judge for prompts mode: sentiment | length | regex | module:function | a reward-model path.")
+    limit: int = opt(0, "Use only the first N pairs / prompts (0 = all).")
+    num_samples: int = opt(1, "Samples per prompt and model.")
+    max_new_tokens: int = opt(48, "Tokens sampled per completion.")
+    temperature: float = opt(1.0, "Sampling temperature.")
+    top_p: float = opt(1.0, "Nucleus sampling threshold (1 = off).")
+    seed: int = opt(0, "Sampling and bootstrap seed.")
+    n_boot: int = opt(1000, "Bootstrap resamples of the items for the rating intervals.")
+    prior: float = opt(0.1, "Pseudo-wins added both ways to every pair of models (keeps ratings finite).")
+    prompt_column: str = opt("prompt", "Column holding the prompt.")
+    chosen_column: str = opt("chosen", "Column holding the preferred completion.")
+    rejected_column: str = opt("rejected", "Column holding the dispreferred completion.")
+    max_length: int = opt(1024, "Max tokens of prompt + completion.")
+    max_prompt_length: int = opt(512, "Prompt tokens kept (from the end) when a pair is too long.")
+    batch_size: int = opt(8, "Sequences per forward pass / prompts per generation batch.")
+    packing: bool = opt(True, "Padding-free batches.")
+    bf16: str = opt("false", "bf16 autocast: auto | true | false.")
+    device: str = opt("auto", "auto | cpu | cuda.")
+    trust_remote_code: bool = opt(False, "Allow model repos to run their own Python code.")
+    output_dir: str = opt("runs/rank", "Where rank.json and win_matrix.png are written.")
+
+
+def split_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()] if isinstance(text, str) else list(text)
+
+
+def rank(cfg: RankConfig | None = None, **overrides) -> dict:
+    """Score every model on the same items, fit Bradley-Terry, write rank.json + heat map."""
+    cfg = cfg or resolve(RankConfig, **overrides)
+    models = split_list(cfg.models)
+    names = split_list(cfg.names) or models
+    if len(models) < 2:
+        raise ValueError("rank needs at least two models: --models A,B[,C...]")
+    if len(names) != len(models) or len(set(names)) != len(names):
+        raise ValueError(f"--names must give {len(models)} distinct names, one per model")
+    if bool(cfg.data) == bool(cfg.prompts):
+        raise ValueError("rank on either --data PAIRS or --prompts PROMPTS (with --reward), not both or neither")
+    if cfg.prompts and not cfg.reward:
+        raise ValueError("ranking on prompts needs a judge: --reward")
+    scores, measure = pair_scores(models, cfg) if cfg.data else prompt_scores(models, cfg)
+    result = ranking(scores, names, cfg.n_boot, cfg.seed, cfg.prior)
+    result.update({"mode": "pairs" if cfg.data else "prompts", "source": cfg.data or cfg.prompts,
+                   "measure": measure, "paths": models, "reward": cfg.reward or None})
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rank.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "win_matrix.png").write_bytes(win_matrix_png(result))
+    print_ranking(result, out)
+    return result
+
+
+def ranking(scores, names: list[str], n_boot: int = 1000, seed: int = 0, prior: float = 0.1) -> dict:
+    """scores (K, M) -> the rank.json content: BT ratings with intervals, win matrix, ordering."""
+    import numpy as np
+
+    from .stats import bradley_terry_bootstrap, elo, win_matrix
+
+    scores = np.asarray(scores, dtype=np.float64)
+    theta, lower, upper = bradley_terry_bootstrap(scores, n_boot=n_boot, seed=seed, prior=prior)
+    wins = win_matrix(scores)
+    games = wins + wins.T
+    fraction = np.divide(wins, games, out=np.full_like(wins, np.nan), where=games > 0)
+    order = [int(i) for i in np.argsort(-theta, kind="stable")]
+    models = [{"name": names[i], "rank": order.index(i) + 1, "theta": float(theta[i]), "elo": float(elo(theta[i])),
+               "elo_ci": [float(elo(lower[i])), float(elo(upper[i]))], "mean_score": float(scores[i].mean()),
+               "win_rate_vs_field": float(np.nanmean(np.delete(fraction[i], i)))} for i in range(len(names))]
+    return {"items": int(scores.shape[1]), "names": list(names), "order": [names[i] for i in order], "models": models,
+            "wins": wins.tolist(), "win_fraction": [[None if np.isnan(v) else float(v) for v in row] for row in fraction]}
+
+
+# ----------------------------------------------------------------------------- scores per model
+def pair_scores(models: list[str], cfg: RankConfig):
+    """(K, M) correctness of each model's implicit-reward ordering on the pairs all models kept."""
+    import numpy as np
+
+    from .evaluate import load_eval_pairs, pair_rewards
+    from .score import load_model_pair
+    from .stats import outcomes
+
+    per_model = []
+    for path in models:
+        pair = load_model_pair(path, cfg.ref_model, device=cfg.device, bf16=cfg.bf16, trust_remote_code=cfg.trust_remote_code)
+        pairs = load_eval_pairs(cfg.data, pair.tokenizer, cfg)
+        chosen, rejected = pair_rewards(pair, pairs, cfg.beta, cfg.batch_size, cfg.packing)
+        per_model.append(dict(zip([p.row for p in pairs], outcomes(chosen, rejected))))
+        del pair
+    rows = sorted(set.intersection(*(set(m) for m in per_model)))  # tokenizers may drop different rows
+    if not rows:
+        raise ValueError(f"{cfg.data}: no pair is usable by every model")
+    return np.array([[m[r] for r in rows] for m in per_model]), "preference accuracy"
+
+
+def prompt_scores(models: list[str], cfg: RankConfig):
+    """(K, prompts x num_samples) judge rewards of each model's samples, same seed for all."""
+    import numpy as np
+
+    from .evaluate import draw_samples, judge_texts, load_prompts
+    from .models import load_tokenizer, pick_device
+    from .rewards import load_reward
+    from .score import load_frozen
+
+    prompts = load_prompts(cfg.prompts, cfg.prompt_column, cfg.limit)
+    judge = load_reward(cfg.reward)
+    texts = judge_texts(prompts, cfg.num_samples)
+    device = pick_device(cfg.device)
+    scores = []
+    for path in models:
+        tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+        model = load_frozen(path, device, cfg.trust_remote_code)
+        scores.append([float(r) for r in judge(texts, draw_samples(model, tokenizer, prompts, cfg).texts)])
+        del model
+    return np.array(scores), f"mean reward ({cfg.reward})"
+
+
+# ----------------------------------------------------------------------------- outputs
+def win_matrix_png(result: dict) -> bytes:
+    """Heat map of the win fraction of row model over column model, models in rank order."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = result["order"]
+    index = [result["names"].index(n) for n in names]
+    frac = np.array([[np.nan if v is None else v for v in row] for row in result["win_fraction"]], dtype=float)
+    frac = frac[np.ix_(index, index)]
+    size = 1.2 + 0.9 * len(names)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    image = ax.imshow(frac, cmap="RdBu", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            if not np.isnan(frac[i, j]):
+                ax.text(j, i, f"{frac[i, j]:.2f}", ha="center", va="center", fontsize=9)
+    ax.set_title(f"win rate of row over column ({result['items']} items)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def ranking_rows(result: dict) -> list[list[str]]:
+    """Rows of the ranked table (rank, name, Elo [95% CI], mean score, win rate vs field)."""
+    rows = []
+    for m in sorted(result["models"], key=lambda m: m["rank"]):
+        rows.append([str(m["rank"]), m["name"], f"{m['elo']:.0f} [{m['elo_ci'][0]:.0f}, {m['elo_ci'][1]:.0f}]",
+                     f"{m['mean_score']:.3f}", f"{m['win_rate_vs_field']:.3f}"])
+    return rows
+
+
+RANK_COLUMNS = ["rank", "model", "Bradley-Terry Elo [95% CI]", "mean score", "win rate vs others"]
+
+
+def print_ranking(result: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"dpolab rank: {result['mode']} ({result['items']} items, score = {result['measure']})")
+    for col in RANK_COLUMNS:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for row in ranking_rows(result):
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    console.print(f"-> {out / 'rank.json'}, {out / 'win_matrix.png'}")
