@@ -90,7 +90,7 @@ def prepare_output(run, model, total_steps: int) -> None:
             f"not enough disk space in {run.output_dir}: {human_bytes(free)} free, but a checkpoint needs about "
             f"{human_bytes(ckpt)} and the final model {human_bytes(final)}; free some space or choose another --output-dir"
         )
-    saves = total_steps // cfg.save_every + 1 if cfg.save_every else 1
+    saves = (total_steps - 1) // cfg.save_every + 1 if cfg.save_every else 1  # every save_every steps + the end
     kept = min(saves, cfg.keep_last + 1) if cfg.keep_last else saves  # +1: written before the oldest is pruned
     if free < kept * ckpt + final:
         acc.print(

@@ -144,6 +144,9 @@ def load_model_pair(model: str, ref_model: str = "", *, device: str = "auto", bf
     policy = load_frozen(model, dev, trust_remote_code)
     reference = ADAPTER if ref == ADAPTER else policy if same else load_frozen(ref, dev, trust_remote_code)
     use_bf16 = bf16 == "true" or (bf16 == "auto" and bf16_supported(dev))
+    if ref == ADAPTER:
+        base = json.loads(Path(resolve_model_path(model), "adapter_config.json").read_text()).get("base_model_name_or_path")
+        ref = f"{base} (the adapter's base)"
     return ModelPair(policy, reference, tokenizer, dev, use_bf16, (model, ref))
 
 

@@ -165,6 +165,7 @@ def test_lora_adapter_reference_is_its_base(tiny_model_dir, rows_file, tmp_path)
     adapted.save_pretrained(adapter_dir)
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
 
+    assert load_model_pair(str(adapter_dir)).names[1] == f"{tiny_model_dir} (the adapter's base)"
     records = score(model=str(adapter_dir), data=str(rows_file), beta=BETA, output_dir=str(tmp_path / "out"))
     policy = PeftModel.from_pretrained(load(tiny_model_dir), adapter_dir).eval()
     expected = expected_records(policy, load(tiny_model_dir), build_tokenizer())

@@ -106,12 +106,48 @@ def _json_lines(source: str, data: bytes) -> Iterator[tuple[int, dict]]:
         except UnicodeDecodeError as e:
             raise DataError(f"{source}: row {line_no}: invalid UTF-8 at byte {e.start} of the line") from None
         try:
-            obj = json.loads(text)
+            obj = _loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{source}: row {line_no}: invalid JSON: {e.msg} (column {e.colno})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{source}: row {line_no}: expected a JSON object, got {_type_name(obj)}")
+        _check_surrogates(source, line_no, obj, text)
         yield line_no, obj
+
+
+def _loads(text: str):
+    """``json.loads``; its other failures (nesting deeper than Python's recursion limit, integers
+    too long to convert) are raised as ``JSONDecodeError`` too."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text, 0) from None
+    except ValueError as e:
+        raise json.JSONDecodeError(" ".join(str(e).split()), text, 0) from None
+
+
+def _check_surrogates(source: str, row: int, obj, text: str) -> None:
+    """A ``\\udXXX`` escape without its pair is valid JSON but not Unicode text: no tokenizer takes
+    it, so it is refused like invalid UTF-8. Only rows whose text has such an escape are walked."""
+    if "\\ud" not in text and "\\uD" not in text:
+        return
+    stack = [obj]
+    while stack:  # iterative: a deeply nested row must not hit the recursion limit here
+        value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataError(f"{source}: row {row}: invalid Unicode: a \\u escape encodes an unpaired "
+                                f"surrogate ({value[0:0]}{ascii(value.encode('utf-8', 'surrogatepass')[:0])[0:0]}"
+                                f"not a character)") from None
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
 
 
 def _read_jsonl(source: str) -> Iterator[tuple[int, dict]]:
@@ -127,7 +163,7 @@ def _read_json(source: str) -> Iterator[tuple[int, dict]]:
         line = data[: e.start].count(b"\n") + 1
         raise DataError(f"{source}: line {line}: invalid UTF-8") from None
     try:
-        doc = json.loads(text)
+        doc = _loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":
             # Many hub files named .json are JSON Lines: one object per line.
@@ -145,6 +181,7 @@ def _read_json(source: str) -> Iterator[tuple[int, dict]]:
     for i, obj in enumerate(doc, start=1):
         if not isinstance(obj, dict):
             raise DataError(f"{source}: row {i}: expected a JSON object, got {_type_name(obj)}")
+        _check_surrogates(source, i, obj, text)
         yield i, obj
 
 
