@@ -141,8 +141,14 @@ def load_state(path: Path) -> dict:
     try:
         return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe pickle"
+        # torch's message opens with how to load it unsafely; keep only what was refused.
+        found = re.search(r"WeightsUnpickler error: ([^.\n]*)", str(e))
+        reason = found.group(1).strip() if found else "it would construct arbitrary objects"
         raise ValueError(f"{path / STATE_FILE}: refused to load: not a plain tensor state file ({reason})") from None
+    except (RuntimeError, EOFError, OSError) as e:  # damaged after it was written (checkpoints are atomic)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path / STATE_FILE}: cannot read the training state ({reason}); delete {path} "
+                         f"to resume from the checkpoint before it") from None
 
 
 def load_weights(model, path: Path) -> None:

@@ -52,6 +52,8 @@ class CommonConfig:
     bf16: str = opt("auto", "bf16 autocast with fp32 master weights: auto | true | false (auto = where hardware has bf16).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory (about +1 forward).")
     packing: bool = opt(True, "Padding-free batches: sequences concatenated, positions restart per sequence.")
+    prefix_sharing: bool = opt(True, "One row [prompt][chosen][rejected] per pair: the prompt is computed once, not twice.")
+    segment_attention: bool = opt(True, "With packing: attention per sequence block instead of one masked attention over the whole row.")
     lora: bool = opt(False, "Train LoRA adapters instead of all weights.")
     lora_r: int = opt(16, "LoRA rank.")
     lora_alpha: int = opt(32, "LoRA scaling alpha.")

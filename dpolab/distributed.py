@@ -59,14 +59,18 @@ def check_accumulation(acc, grad_accum: int) -> None:
         )
 
 
+def _kind(acc) -> str:
+    return str(getattr(acc.distributed_type, "value", acc.distributed_type))  # e.g. "FSDP"
+
+
 def is_deepspeed(acc) -> bool:
-    return str(acc.distributed_type).endswith("DEEPSPEED")
+    return _kind(acc) == "DEEPSPEED"
 
 
 def is_sharded(acc) -> bool:
     """Weights or optimizer state split across processes (FSDP, DeepSpeed ZeRO): checkpoints then
     also hold Accelerate's per-rank state, and the model is not moved to the device by hand."""
-    return is_deepspeed(acc) or str(acc.distributed_type).endswith("FSDP")
+    return _kind(acc) in ("DEEPSPEED", "FSDP")
 
 
 def configure_deepspeed(acc, batch_size: int, grad_accum: int, max_grad_norm: float) -> None:

@@ -157,9 +157,14 @@ def batched_token_logps(model, items, pair: ModelPair, batch_size: int, packing:
     from .data.collate import collate, to_device
     from .logprobs import forward_logps, split_tokens
 
+    from rich.console import Console
+    from rich.progress import Progress
+
     out = []
     pad_id = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else 0
-    with torch.inference_mode():
+    # a transient bar on a terminal only: long evaluations show progress, logs and tests stay clean
+    with torch.inference_mode(), Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("log-probs", total=len(items))
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             batch = collate([p for p, _ in chunk], [c for _, c in chunk], pad_id, packing)
@@ -167,6 +172,7 @@ def batched_token_logps(model, items, pair: ModelPair, batch_size: int, packing:
             with pair.autocast():
                 token_logps = forward_logps(model, batch)
             out += [t.float().cpu() for t in split_tokens(token_logps, batch)]
+            bar.advance(task, len(chunk))
     return out
 
 

@@ -26,7 +26,7 @@ import torch
 from . import checkpoint
 from .config import SFTConfig, TrainConfig, resolve, save as save_config
 from .data import load_pairs, split_eval
-from .data.collate import collate, collate_pairs, to_device
+from .data.collate import Layout, batch_tokens, collate, collate_pairs, to_device
 from .losses import REFERENCE_FREE, LossParams, PairLogps, compute_loss
 from .logprobs import forward_logps, pair_logps, sequence_logps
 from .metrics import MetricsLogger
@@ -80,7 +80,7 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
         reference = finish_reference(cfg, run, model, reference, pairs)
 
     def make_batch(indices):
-        batch = collate_pairs([pairs[i] for i in indices], run.tokenizer.pad_token_id, cfg.packing)
+        batch = collate_pairs([pairs[i] for i in indices], run.tokenizer.pad_token_id, Layout.from_config(cfg))
         batch["index"] = torch.tensor(indices)
         return to_device(batch, run.device)
 
@@ -96,7 +96,7 @@ def sft(cfg: SFTConfig | None = None, **overrides) -> dict:
 
     def make_batch(indices):
         chosen = [pairs[i] for i in indices]
-        batch = collate([p.prompt_ids for p in chosen], [p.chosen_ids for p in chosen], run.tokenizer.pad_token_id, cfg.packing)
+        batch = collate([p.prompt_ids for p in chosen], [p.chosen_ids for p in chosen], run.tokenizer.pad_token_id, Layout.from_config(cfg))
         return to_device(batch, run.device)
 
     return fit(run, policy, train_idx, eval_idx, sft_objective, make_batch)
@@ -252,7 +252,7 @@ def finish_reference(cfg: TrainConfig, run: Run, policy, reference, pairs):
     identity = ref.model_identity(resolve_model_path(cfg.ref_model or cfg.model)) + f";bf16={run.bf16};mp={acc.mixed_precision}"
     path = cache_dir() / "reference" / f"{ref.fingerprint(pairs, identity, cfg.packing)}.safetensors"
     compute = lambda: ref.compute_all(  # noqa: E731
-        policy, source, pairs, cfg.eval_batch_size, run.tokenizer.pad_token_id, cfg.packing, run.device, run.autocast,
+        policy, source, pairs, cfg.eval_batch_size, run.tokenizer.pad_token_id, Layout.from_config(cfg), run.device, run.autocast,
         acc.process_index, acc.num_processes,
     )
     policy.eval()
@@ -352,7 +352,7 @@ def train_step(run: Run, model, optimizer, scheduler, indices, objective, make_b
         # micro-batch j of process r: the r-th slice of the j-th (batch_size x processes) block
         base = (micro * acc.num_processes + acc.process_index) * cfg.batch_size
         batch = make_batch(indices[base : base + cfg.batch_size])
-        tokens += int(batch["attention_mask"].sum()) if batch["attention_mask"] is not None else batch["input_ids"].numel()
+        tokens += batch_tokens(batch)
         with acc.accumulate(model):
             with run.autocast():
                 losses, stats = objective(model, batch)

@@ -146,6 +146,7 @@ def test_resume_with_another_global_batch_is_refused(runs, tmp_path):
         train(model=str(copy / "final"), data=str(runs.data), output_dir=str(copy), resume=True, **{**COMMON, "max_steps": 4})
 
 
+@pytest.mark.slow  # a third 2-process launch (~15 CPU-seconds of imports); still run in CI
 def test_fsdp_sharded_reference_precompute_matches_one_process(tiny_model_dir, tmp_path):
     """FSDP2 runs on CPU too: a sharded LoRA policy, adapters off, 5 batches over 2 ranks."""
     import contextlib
@@ -186,11 +187,18 @@ def test_deepspeed_launch_without_the_package_fails_with_one_line(tiny_model_dir
     assert not (tmp_path / "run").exists()  # failed before touching anything
 
 
+def test_accumulation_from_the_launch_config_must_match_the_flag(tiny_model_dir, tmp_path, monkeypatch):
+    data = write_toy_pairs(tmp_path / "pairs.jsonl", 8)
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")  # set by `accelerate launch` from a config
+    with pytest.raises(distributed.LaunchError, match="sets gradient_accumulation_steps=4 but --grad-accum is 1"):
+        train(model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / "run"), progress=False)
+
+
 def _deepspeed_accelerator(conf: dict, processes: int = 2):
     """The two attributes `configure_deepspeed` reads from an Accelerator under DeepSpeed
     (a real one needs the deepspeed package and GPUs)."""
     plugin = types.SimpleNamespace(deepspeed_config=conf)
-    return types.SimpleNamespace(distributed_type="DistributedType.DEEPSPEED", num_processes=processes, state=types.SimpleNamespace(deepspeed_plugin=plugin))
+    return types.SimpleNamespace(distributed_type="DEEPSPEED", num_processes=processes, state=types.SimpleNamespace(deepspeed_plugin=plugin))
 
 
 def test_deepspeed_auto_values_are_filled_from_dpolab_flags():

@@ -111,7 +111,8 @@ def _json_lines(source: str, data: bytes) -> Iterator[tuple[int, dict]]:
             raise DataError(f"{source}: row {line_no}: invalid JSON: {e.msg} (column {e.colno})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{source}: row {line_no}: expected a JSON object, got {_type_name(obj)}")
-        _check_surrogates(source, line_no, obj, text)
+        if _may_hold_surrogates(text):
+            _check_surrogates(source, line_no, obj)
         yield line_no, obj
 
 
@@ -125,14 +126,16 @@ def _loads(text: str):
     except RecursionError:
         raise json.JSONDecodeError("nested too deeply", text, 0) from None
     except ValueError as e:
-        raise json.JSONDecodeError(" ".join(str(e).split()), text, 0) from None
+        raise json.JSONDecodeError(" ".join(str(e).split(";")[0].split()), text, 0) from None
 
 
-def _check_surrogates(source: str, row: int, obj, text: str) -> None:
+def _may_hold_surrogates(text: str) -> bool:
+    return "\\ud" in text or "\\uD" in text
+
+
+def _check_surrogates(source: str, row: int, obj) -> None:
     """A ``\\udXXX`` escape without its pair is valid JSON but not Unicode text: no tokenizer takes
-    it, so it is refused like invalid UTF-8. Only rows whose text has such an escape are walked."""
-    if "\\ud" not in text and "\\uD" not in text:
-        return
+    it, so it is refused like invalid UTF-8. Callers walk only rows whose text has such an escape."""
     stack = [obj]
     while stack:  # iterative: a deeply nested row must not hit the recursion limit here
         value = stack.pop()
@@ -141,8 +144,7 @@ def _check_surrogates(source: str, row: int, obj, text: str) -> None:
                 value.encode("utf-8")
             except UnicodeEncodeError:
                 raise DataError(f"{source}: row {row}: invalid Unicode: a \\u escape encodes an unpaired "
-                                f"surrogate ({value[0:0]}{ascii(value.encode('utf-8', 'surrogatepass')[:0])[0:0]}"
-                                f"not a character)") from None
+                                f"UTF-16 surrogate, which is not a character") from None
         elif isinstance(value, dict):
             stack.extend(value.keys())
             stack.extend(value.values())
@@ -178,10 +180,12 @@ def _read_json(source: str) -> Iterator[tuple[int, dict]]:
         doc = doc[lists[0]]
     if not isinstance(doc, list):
         raise DataError(f"{source}: expected a list of objects, got {_type_name(doc)}")
+    surrogates = _may_hold_surrogates(text)
     for i, obj in enumerate(doc, start=1):
         if not isinstance(obj, dict):
             raise DataError(f"{source}: row {i}: expected a JSON object, got {_type_name(obj)}")
-        _check_surrogates(source, i, obj, text)
+        if surrogates:
+            _check_surrogates(source, i, obj)
         yield i, obj
 
 

@@ -236,7 +236,9 @@ def _implicit(raw: dict, row: int, source: str, cols: _Columns) -> PreferenceExa
 
 def _message(m) -> Message:
     """A validated copy of one message (null-valued keys dropped: parquet fills absent struct keys)."""
-    if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+    # The role is checked to be a string first: a list or dict role is unhashable for the set lookup.
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES \
+            or not isinstance(m.get("content"), str):
         raise _Drop("bad messages")
     return {k: v for k, v in m.items() if v is not None}
 

@@ -1,0 +1,335 @@
+"""dpolab vs TRL's DPOTrainer, side by side: same model, data, batch size, max length, beta, lr, precision.
+
+    python benchmarks/bench_dpo.py                      # the standard case, every run, once
+    python benchmarks/bench_dpo.py --cases all --repeat 2 --out bench.json
+
+Each run is a fresh subprocess (peak resident memory is its own); the parent prepares the data,
+measures plain matmul peaks in the same invocation and prints one table. Both tools get the same
+text (split by dpolab's data layer), the same order of pairs (TRL with a sequential sampler over
+dpolab's shuffled order), linear decay without warm-up, one epoch, no checkpoints, and must
+report a first-step loss of ln 2; the per-step losses of matching runs are compared.
+
+Timed: the reference pass plus the training loop (model loading and tokenisation excluded for
+both). Useful FLOPs = 6 N T (policy) + 2 N T (reference), N = all parameters, T = the real
+tokens of the pairs (prompt counted once per completion, no padding), the same for both tools.
+TRL is an optional extra: pip install -e ".[bench]".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HH = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-2000.jsonl.gz"
+CASES = {"standard": (4, 512), "batch8": (8, 512), "len1024": (4, 1024)}  # name: (batch size, max length)
+# name: (tool, precision, precompute reference, gradient checkpointing)
+RUNS = {
+    "trl-bf16-pre": ("trl", "bf16", True, False),   # TRL's best configuration where bf16 is fast
+    "trl-fp32-pre": ("trl", "fp32", True, False),   # TRL's fastest configuration on CPUs without bf16 units
+    "trl-default-fp32": ("trl", "fp32", False, True),  # TRL's defaults (gradient checkpointing on), fp32
+    "dpolab-bf16": ("dpolab", "bf16", True, False),
+    "dpolab-fp32": ("dpolab", "fp32", True, False),
+}
+
+
+# ----------------------------------------------------------------------------- the parent
+def main(argv=None) -> int:
+    args = parse(argv)
+    if args.worker:
+        return worker(json.loads(args.worker))
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    work = Path(tempfile.mkdtemp(prefix="dpolab-bench-"))
+    model_path = prepare_model(args.model, work)
+    cases = list(CASES) if args.cases == "all" else args.cases.split(",")
+    runs = args.runs.split(",")
+    peaks = matmul_peaks(device)
+    print(f"device {device_name(device)}; plain matmul: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
+    results = []
+    for case in cases:
+        batch_size, max_length = CASES[case]
+        data = prepare_data(model_path, work / case, args.pairs, batch_size, max_length, args.seed)
+        for rep in range(args.repeat):
+            for name in runs:
+                spec = dict(name=name, case=case, rep=rep, model=model_path, device=device, batch_size=batch_size,
+                            max_length=max_length, lr=args.lr, beta=args.beta, seed=args.seed, data=data,
+                            work=str(work / f"{case}-{name}-{rep}"), params=data["params"])
+                results.append(run_worker(spec, args.timeout))
+                print(row(results[-1], data, peaks), flush=True)
+    print()
+    print(table(results, peaks))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"peaks": peaks, "device": device_name(device), "results": results}, indent=1))
+    return 0
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cases", default="standard", help="comma list of " + ", ".join(CASES) + ", or all")
+    p.add_argument("--runs", default=",".join(RUNS), help="comma list of " + ", ".join(RUNS))
+    p.add_argument("--pairs", type=int, default=32, help="first N pairs of the HH-RLHF harmless file")
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a checkpoint dir, or random:0.5b / random:tiny")
+    p.add_argument("--lr", type=float, default=5e-6)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--repeat", type=int, default=1, help="run every configuration this many times")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per run")
+    p.add_argument("--out", default="", help="also write all results as JSON here")
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def prepare_model(name: str, work: Path) -> str:
+    """A plain HF checkpoint dir both tools can load: the converted default, a path, or random weights from a config."""
+    if not name.startswith("random:"):
+        from dpolab.models import resolve_model_path
+
+        return resolve_model_path(name)
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from dpolab.models import load_tokenizer
+
+    tokenizer = load_tokenizer("default")
+    sizes = {  # hidden, intermediate, layers, heads, kv heads: roughly Qwen2.5-0.5B / 1B / a tiny one
+        "0.5b": (896, 4864, 24, 14, 2), "1b": (1536, 8960, 16, 12, 2), "tiny": (64, 128, 2, 4, 2)}
+    hidden, inter, layers, heads, kv = sizes[name.split(":", 1)[1]]
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    path = work / f"model-{name.split(':', 1)[1]}"
+    AutoModelForCausalLM.from_config(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def prepare_data(model_path: str, folder: Path, n: int, batch_size: int, max_length: int, seed: int) -> dict:
+    """The first n pairs as text rows for both tools, in the order dpolab trains them, plus token counts."""
+    from dpolab.data import load_pairs, normalise, read_rows, render
+    from dpolab.models import load_tokenizer
+    from dpolab.train import step_indices
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(model_path)
+    raw = []
+    for _, row in read_rows(str(HH), "train"):
+        raw.append(row)
+        if len(raw) == n:
+            break
+    source = folder / "pairs.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in raw))
+    pairs, report = load_pairs(str(source), tokenizer, max_length=max_length, max_prompt_length=max_length // 2)
+    if report.truncated or len(pairs) != n:
+        raise SystemExit(f"{n} pairs: {len(pairs)} kept, {report.truncated} truncated; choose a case without truncation")
+    examples, _ = normalise(read_rows(str(source), "train"), str(source))
+    steps = n // batch_size
+    order = [i for k in range(steps) for i in step_indices(list(range(n)), k, steps, batch_size, seed)]
+    texts = [render(examples[i], tokenizer) for i in order]
+    trl_rows = folder / "trl.jsonl"
+    trl_rows.write_text("".join(json.dumps(dict(zip(("prompt", "chosen", "rejected"), t))) + "\n" for t in texts))
+    real = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    shared = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    from transformers import AutoConfig
+
+    params = count_params(model_path, AutoConfig.from_pretrained(model_path))
+    return {"dpolab": str(source), "trl": str(trl_rows), "pairs": n, "real_tokens": real, "shared_tokens": shared, "params": params}
+
+
+def count_params(model_path: str, config) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_worker(spec: dict, timeout: int) -> dict:
+    env = {**os.environ, "DPOLAB_CACHE": str(Path(spec["work"]) / "cache"), "TQDM_DISABLE": "1",
+           "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**spec, "error": f"timed out after {timeout} s"}
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
+        return {**spec, "error": " | ".join(tail) or f"exit {out.returncode}"}
+    return {**spec, **json.loads(lines[-1][len("RESULT "):])}
+
+
+def matmul_peaks(device: str) -> dict:
+    """FLOP/s of a plain square matmul in fp32 and bf16 (best of a few)."""
+    import torch
+
+    n = 4096 if device == "cuda" else 2048
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        best = math.inf
+        for _ in range(4):
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(3):
+                a @ b
+            sync(device)
+            best = min(best, (time.perf_counter() - start) / 3)
+        out[name] = 2 * n**3 / best
+    return out
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    import platform
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return f"{model}, {os.cpu_count()} cores"
+
+
+# ----------------------------------------------------------------------------- reporting
+def rates(r: dict, data: dict, peaks: dict) -> dict:
+    seconds = r["ref_s"] + r["train_s"]
+    flops = 8 * data["params"] * data["real_tokens"]
+    return {"pairs/s": data["pairs"] / seconds, "tokens/s": data["real_tokens"] / seconds, "flop/s": flops / seconds,
+            "bf16 frac": flops / seconds / peaks["bf16"], "fp32 frac": flops / seconds / peaks["fp32"]}
+
+
+def row(r: dict, data: dict, peaks: dict) -> str:
+    if "error" in r:
+        return f"{r['case']:9s} {r['name']:17s} FAILED: {r['error']}"
+    x = rates(r, data, peaks)
+    r.update(x)
+    mem = f"{r['peak_rss_gb']:.2f} GB RSS" + (f", {r['peak_gpu_gb']:.2f} GB GPU" if r.get("peak_gpu_gb") else "")
+    return (f"{r['case']:9s} {r['name']:17s} {x['pairs/s']:6.3f} pairs/s {x['tokens/s']:7.0f} tok/s  {mem}  "
+            f"{x['flop/s'] / 1e9:6.1f} GFLOP/s  ref {r['ref_s']:.0f}s train {r['train_s']:.0f}s  first loss {r['losses'][0]:.6f}")
+
+
+def table(results: list[dict], peaks: dict) -> str:
+    """Markdown table; ratios against every TRL run of the same case and repetition."""
+    lines = ["| case | run | pairs/s | tokens/s | peak RSS GB | useful GFLOP/s | of bf16 matmul | of fp32 matmul | first loss |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['name']} | failed: {r['error'][:80]} | | | | | | |")
+            continue
+        lines.append(f"| {r['case']} | {r['name']} | {r['pairs/s']:.3f} | {r['tokens/s']:.0f} | {r['peak_rss_gb']:.2f} | "
+                     f"{r['flop/s'] / 1e9:.1f} | {r['bf16 frac']:.1%} | {r['fp32 frac']:.1%} | {r['losses'][0]:.6f} |")
+    lines += ["", "| case | rep | dpolab run | vs TRL run | speed-up (pairs/s) | memory (RSS) | max loss difference per step |", "|---|---|---|---|---|---|---|"]
+    ok = [r for r in results if "error" not in r]
+    for d in (r for r in ok if r["name"].startswith("dpolab")):
+        for t in (r for r in ok if r["name"].startswith("trl") and r["case"] == d["case"] and r["rep"] == d["rep"]):
+            diff = max(abs(a - b) for a, b in zip(d["losses"], t["losses"])) if len(d["losses"]) == len(t["losses"]) else float("nan")
+            lines.append(f"| {d['case']} | {d['rep']} | {d['name']} | {t['name']} | {d['pairs/s'] / t['pairs/s']:.2f}x | "
+                         f"{d['peak_rss_gb'] / t['peak_rss_gb']:.2f}x | {diff:.2e} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the workers
+def worker(spec: dict) -> int:
+    tool, precision, precompute, checkpointing = RUNS[spec["name"]]
+    result = (run_trl if tool == "trl" else run_dpolab)(spec, precision == "bf16", precompute, checkpointing)
+    import resource
+
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+    if spec["device"] == "cuda":
+        import torch
+
+        result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1024**3
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+class Timer:
+    """Wall time spent inside wrapped functions (synchronising the GPU around them)."""
+
+    def __init__(self, device: str):
+        self.device, self.seconds = device, 0.0
+
+    def wrap(self, fn):
+        def timed(*args, **kwargs):
+            sync(self.device)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync(self.device)
+                self.seconds += time.perf_counter() - start
+        return timed
+
+
+def run_dpolab(spec: dict, bf16: bool, precompute: bool, checkpointing: bool) -> dict:
+    """dpolab's own trainer with its defaults (packing, prefix sharing, segment attention)."""
+    import dpolab.train as trainer
+
+    ref_timer, save_timer, fit_timer = Timer(spec["device"]), Timer(spec["device"]), Timer(spec["device"])
+    trainer.finish_reference = ref_timer.wrap(trainer.finish_reference)
+    trainer.save_checkpoint = save_timer.wrap(trainer.save_checkpoint)
+    trainer.save_final = save_timer.wrap(trainer.save_final)
+    trainer.fit = fit_timer.wrap(trainer.fit)
+    result = trainer.train(
+        model=spec["model"], data=spec["data"]["dpolab"], output_dir=spec["work"], batch_size=spec["batch_size"],
+        eval_batch_size=8, max_length=spec["max_length"], max_prompt_length=spec["max_length"] // 2, lr=spec["lr"],
+        beta=spec["beta"], loss="sigmoid", warmup_ratio=0.0, scheduler="linear", epochs=1, eval_fraction=0.0,
+        bf16="true" if bf16 else "false", precompute_ref=precompute, gradient_checkpointing=checkpointing,
+        seed=spec["seed"], progress=False, device=spec["device"])
+    losses = [h["loss"] for h in result["history"] if h.get("split", "train") == "train" and "loss" in h]
+    return {"ref_s": ref_timer.seconds, "train_s": fit_timer.seconds - ref_timer.seconds - save_timer.seconds,
+            "losses": losses, "steps": result["steps"]}
+
+
+def run_trl(spec: dict, bf16: bool, precompute: bool, checkpointing: bool) -> dict:
+    """TRL's DPOTrainer, configured as documented in trl 1.16's DPOConfig."""
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    ref_model = None if precompute else AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    dataset = load_dataset("json", data_files=spec["data"]["trl"], split="train")
+    args = DPOConfig(
+        output_dir=spec["work"], per_device_train_batch_size=spec["batch_size"], num_train_epochs=1,
+        learning_rate=spec["lr"], lr_scheduler_type="linear", warmup_steps=0, beta=spec["beta"], loss_type=["sigmoid"],
+        max_length=spec["max_length"], bf16=bf16, precompute_ref_log_probs=precompute, precompute_ref_batch_size=8,
+        gradient_checkpointing=checkpointing, train_sampling_strategy="sequential", seed=spec["seed"],
+        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=spec["device"] == "cpu",
+        dataloader_num_workers=0, max_grad_norm=1.0, weight_decay=0.0)
+    ref_timer = Timer(spec["device"])
+    DPOTrainer._precompute_ref_logps = ref_timer.wrap(DPOTrainer._precompute_ref_logps)
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    tokens = sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in trainer.train_dataset)
+    sync(spec["device"])
+    start = time.perf_counter()
+    trainer.train()
+    sync(spec["device"])
+    train_s = time.perf_counter() - start
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"ref_s": ref_timer.seconds, "train_s": train_s, "losses": losses, "steps": trainer.state.global_step,
+            "trl_real_tokens": tokens}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
