@@ -118,7 +118,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def load_yaml(path: str, cls) -> dict:
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:  # also refuses python/object tags: safe_load builds no objects
+        raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option: value")
     names = {f.name for f in dataclasses.fields(cls)}
@@ -158,4 +161,9 @@ def validate(cfg) -> None:
 
 
 def save(cfg, path: Path) -> None:
-    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    """Write the resolved config atomically (a crash never leaves half a file)."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    os.replace(tmp, path)

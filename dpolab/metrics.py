@@ -26,7 +26,10 @@ class MetricsLogger:
         self.progress = None
         if not enabled:
             return
-        self.file = open(output_dir / "metrics.jsonl", "a")
+        path = output_dir / "metrics.jsonl"
+        if start_step > 0 and path.exists():
+            _drop_after(path, start_step)  # steps after the resumed checkpoint are redone
+        self.file = open(path, "a")
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(output_dir / "tensorboard"))
@@ -81,3 +84,13 @@ class MetricsLogger:
         if self.enabled:
             self.console.print(table)
         return table
+
+
+def _drop_after(path: Path, step: int) -> None:
+    """Keep only records up to `step` (atomically), so a resumed run logs each step once."""
+    import os
+
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)

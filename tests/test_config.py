@@ -68,3 +68,11 @@ def test_every_shipped_yaml_config_parses():
         data = yaml.safe_load(path.read_text())
         names = {f.name for cls in (c for c, _, _ in available().values()) for f in dataclasses.fields(cls)}
         assert set(data) <= names, f"{path.name}: unknown keys {set(data) - names}"
+
+
+def test_yaml_with_python_tags_is_refused(tmp_path):
+    cfg_file = tmp_path / "evil.yaml"
+    cfg_file.write_text("beta: !!python/object/apply:os.system ['touch pwned']\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        resolve(TrainConfig, parse(TrainConfig, ["--config", str(cfg_file)]))
+    assert not (tmp_path / "pwned").exists()

@@ -304,7 +304,8 @@ def test_resume_refuses_a_training_state_with_payload(finished_run, tmp_path, ti
     shutil.copytree(run, out)
     marker = tmp_path / "marker"
     _pickle_with_payload(out / "checkpoint-5" / checkpoint.STATE_FILE, marker)
-    with pytest.raises(ValueError, match="refused to load: not a plain tensor state file"):
+    with pytest.raises(ValueError, match=r"refused to load: not a plain tensor state file \(Unsupported global: GLOBAL "
+                                         r"builtins.exec|refused to load: not a plain tensor state file \(Unsupported global: GLOBAL exec"):
         checkpoint.load_state(out / "checkpoint-5")
     argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out), "--resume",
             "--bf16", "false", "--device", "cpu", "--batch-size", "2", "--eval-fraction", "0", "--max-steps", "6",
@@ -313,6 +314,15 @@ def test_resume_refuses_a_training_state_with_payload(finished_run, tmp_path, ti
     err = _cli_errors(capsys)
     assert len(err) == 1 and "refused to load" in err[0] and str(out / "checkpoint-5") in err[0]
     assert not marker.exists()
+
+
+def test_damaged_training_state_is_one_clear_line(tmp_path):
+    (tmp_path / checkpoint.STATE_FILE).write_bytes(b"PK\x03\x04 not a zip archive")
+    with pytest.raises(ValueError) as e:
+        checkpoint.load_state(tmp_path)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path / checkpoint.STATE_FILE}: cannot read the training state")
+    assert message.endswith(f"delete {tmp_path} to resume from the checkpoint before it")
 
 
 def test_pickled_data_cache_is_not_unpickled(tmp_path, tokenizer_and_pairs_file):

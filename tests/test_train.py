@@ -163,3 +163,15 @@ def test_cosine_schedule_and_bf16_autocast_run(tiny_model_dir, toy_data, tmp_pat
     losses = train_losses(result)
     assert losses[0] == pytest.approx(LN2, abs=1e-6)
     assert all(math.isfinite(v) for v in losses)
+
+
+def test_resume_logs_each_step_once(tiny_model_dir, toy_data, tmp_path):
+    out = tmp_path / "r"
+    run(tiny_model_dir, toy_data, out, max_steps=6, save_every=2)
+    for p in out.glob("checkpoint-*"):
+        if p.name != "checkpoint-2":
+            shutil.rmtree(p)
+    shutil.rmtree(out / "final")
+    run(tiny_model_dir, toy_data, out, max_steps=6, save_every=2, resume=True)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
