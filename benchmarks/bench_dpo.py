@@ -158,10 +158,12 @@ def run_worker(spec: dict, timeout: int) -> dict:
     env = {**os.environ, "DPOLAB_CACHE": str(Path(spec["work"]) / "cache"), "TQDM_DISABLE": "1",
            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    spec = {**spec, "load_before": os.getloadavg()[0]}  # other work on the machine slows every run
     try:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {**spec, "error": f"timed out after {timeout} s"}
+    spec["load_after"] = os.getloadavg()[0]
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
         tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
@@ -222,20 +224,25 @@ def row(r: dict, data: dict, peaks: dict) -> str:
     x = rates(r, data, peaks)
     r.update(x)
     mem = f"{r['peak_rss_gb']:.2f} GB RSS" + (f", {r['peak_gpu_gb']:.2f} GB GPU" if r.get("peak_gpu_gb") else "")
-    return (f"{r['case']:9s} {r['name']:17s} {x['pairs/s']:6.3f} pairs/s {x['tokens/s']:7.0f} tok/s  {mem}  "
-            f"{x['flop/s'] / 1e9:6.1f} GFLOP/s  ref {r['ref_s']:.0f}s train {r['train_s']:.0f}s  first loss {r['losses'][0]:.6f}")
+    line = (f"{r['case']:9s} {r['name']:17s} {x['pairs/s']:6.3f} pairs/s {x['tokens/s']:7.0f} tok/s  {mem}  "
+            f"{x['flop/s'] / 1e9:6.1f} GFLOP/s  ref {r['ref_s']:.0f}s train {r['train_s']:.0f}s  first loss {r['losses'][0]:.6f}  "
+            f"load {r['load_before']:.1f}->{r['load_after']:.1f}")
+    if r.get("trl_real_tokens", data["real_tokens"]) != data["real_tokens"]:
+        line += f"  (TRL tokenised {r['trl_real_tokens']} tokens, dpolab {data['real_tokens']})"
+    return line
 
 
 def table(results: list[dict], peaks: dict) -> str:
     """Markdown table; ratios against every TRL run of the same case and repetition."""
-    lines = ["| case | run | pairs/s | tokens/s | peak RSS GB | useful GFLOP/s | of bf16 matmul | of fp32 matmul | first loss |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | run | pairs/s | tokens/s | peak RSS GB | useful GFLOP/s | of bf16 matmul | of fp32 matmul | first loss | load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['name']} | failed: {r['error'][:80]} | | | | | | |")
+            lines.append(f"| {r['case']} | {r['name']} | failed: {r['error'][:80]} | | | | | | | |")
             continue
         lines.append(f"| {r['case']} | {r['name']} | {r['pairs/s']:.3f} | {r['tokens/s']:.0f} | {r['peak_rss_gb']:.2f} | "
-                     f"{r['flop/s'] / 1e9:.1f} | {r['bf16 frac']:.1%} | {r['fp32 frac']:.1%} | {r['losses'][0]:.6f} |")
+                     f"{r['flop/s'] / 1e9:.1f} | {r['bf16 frac']:.1%} | {r['fp32 frac']:.1%} | {r['losses'][0]:.6f} | "
+                     f"{r['load_before']:.1f}-{r['load_after']:.1f} |")
     lines += ["", "| case | rep | dpolab run | vs TRL run | speed-up (pairs/s) | memory (RSS) | max loss difference per step |", "|---|---|---|---|---|---|---|"]
     ok = [r for r in results if "error" not in r]
     for d in (r for r in ok if r["name"].startswith("dpolab")):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 NAME = "dpolab_segments"
 SUPPORTED = ("sdpa", "eager", NAME)  # implementations whose math the segment path reproduces
+calls = 0  # segment-attention calls so far: lets callers check the segments reached attention
 
 
 def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, dpolab_segments=None, **kwargs):
@@ -30,19 +31,26 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if query.shape[0] != 1:
         raise ValueError("segment attention needs a packed batch (one row)")
+    global calls
+    calls += 1
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     dropout = dropout if module.training else 0.0
+    # torch.split, not one slice per block: the backward of a slice allocates a zero tensor
+    # the size of the whole row, once per block and layer.
+    queries = torch.split(query, [length for _, length, _, _ in dpolab_segments], dim=2)
+    cuts = sorted({0, key.shape[2]} | {c for s, n, cs, cn in dpolab_segments for c in (s, s + n, cs, cs + cn)})
+    keys = dict(zip(cuts, torch.split(key, [b - a for a, b in zip(cuts, cuts[1:])], dim=2)))
+    values = dict(zip(cuts, torch.split(value, [b - a for a, b in zip(cuts, cuts[1:])], dim=2)))
     outs = []
-    for start, length, ctx_start, ctx_length in dpolab_segments:
-        q = query[:, :, start : start + length]
-        k = key[:, :, start : start + length]
-        v = value[:, :, start : start + length]
+    for q, (start, length, ctx_start, ctx_length) in zip(queries, dpolab_segments):
+        spans = [(ctx_start, ctx_start + ctx_length)] if ctx_length else []
+        pieces = [c for a, b in spans + [(start, start + length)] for c in cuts if a <= c < b]
+        k = torch.cat([keys[c] for c in pieces], dim=2) if len(pieces) > 1 else keys[pieces[0]]
+        v = torch.cat([values[c] for c in pieces], dim=2) if len(pieces) > 1 else values[pieces[0]]
         if ctx_length == 0:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
         else:
-            k = torch.cat([key[:, :, ctx_start : ctx_start + ctx_length], k], dim=2)
-            v = torch.cat([value[:, :, ctx_start : ctx_start + ctx_length], v], dim=2)
             # query i sees the whole context and its own block up to i (bottom-right causal)
             mask = torch.ones(length, ctx_length + length, dtype=torch.bool, device=q.device).tril(ctx_length)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)

@@ -110,7 +110,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")  # argparse formats help
         kind = hints[f.name]
-        if kind is bool:
+        if f.metadata.get("positional"):  # e.g. `dpolab report RUN_DIR...`: joined with commas
+            parser.add_argument(f.name, nargs="*", default=None, help=help_text, metavar=f.name.upper())
+        elif kind is bool:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             parser.add_argument(name, type=kind, default=None, help=help_text, metavar=f.name.upper())
@@ -138,7 +140,10 @@ def resolve(cls, args: argparse.Namespace | None = None, **overrides):
     if config_path:
         values.update(load_yaml(config_path, cls))
     if args is not None:
-        values.update({k: v for k, v in vars(args).items() if v is not None and k != "config" and k != "command"})
+        for k, v in vars(args).items():
+            if k in ("config", "command") or v is None or v == []:
+                continue
+            values[k] = ",".join(v) if isinstance(v, list) else v
     values.update(overrides)
     cfg = cls(**values)
     validate(cfg)
@@ -146,14 +151,16 @@ def resolve(cls, args: argparse.Namespace | None = None, **overrides):
 
 
 def validate(cfg) -> None:
-    """Reject settings that cannot work, with one line each."""
+    """Reject settings that cannot work, with one line each (only fields the config has)."""
+    has = lambda *names: all(hasattr(cfg, n) for n in names)  # noqa: E731
     checks = [
-        (cfg.batch_size >= 1, "batch_size must be >= 1"),
-        (cfg.grad_accum >= 1, "grad_accum must be >= 1"),
-        (cfg.max_prompt_length < cfg.max_length, "max_prompt_length must be < max_length"),
-        (cfg.scheduler in ("linear", "cosine", "constant"), "scheduler must be linear, cosine or constant"),
-        (cfg.bf16 in ("auto", "true", "false"), "bf16 must be auto, true or false"),
-        (0 <= cfg.eval_fraction < 1, "eval_fraction must be in [0, 1)"),
+        (not has("batch_size") or cfg.batch_size >= 1, "batch_size must be >= 1"),
+        (not has("grad_accum") or cfg.grad_accum >= 1, "grad_accum must be >= 1"),
+        (not has("max_length", "max_prompt_length") or cfg.max_prompt_length < cfg.max_length,
+         "max_prompt_length must be < max_length"),
+        (not has("scheduler") or cfg.scheduler in ("linear", "cosine", "constant"), "scheduler must be linear, cosine or constant"),
+        (not has("bf16") or cfg.bf16 in ("auto", "true", "false"), "bf16 must be auto, true or false"),
+        (not has("eval_fraction") or 0 <= cfg.eval_fraction < 1, "eval_fraction must be in [0, 1)"),
     ]
     for ok, message in checks:
         if not ok:

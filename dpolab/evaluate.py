@@ -244,14 +244,15 @@ def generation_eval(pair, prompts: list, cfg: EvalConfig) -> dict:
            "sampling": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed},
            "policy_reward": {"mean": mean, "se": se},
            "kl": sequence_kl(pair, policy.prompt_ids, policy.completion_ids, cfg.batch_size, cfg.packing)}
-    examples = [{"prompt": t, "policy": c, "policy_reward": r} for t, c, r in zip(texts, policy.texts, policy_rewards)][:5]
+    shown = [i * cfg.num_samples for i in range(min(5, len(prompts)))]  # the first sample of 5 prompts
+    examples = [{"prompt": texts[i], "policy": policy.texts[i], "policy_reward": policy_rewards[i]} for i in shown]
     if cfg.baseline != "none":
         with baseline_model(pair, cfg.baseline, cfg) as (model, tokenizer):
             baseline = draw_samples(model, tokenizer, prompts, cfg, autocast)
         baseline_rewards = [float(r) for r in reward_fn(texts, baseline.texts)]
         out.update(compare(policy_rewards, baseline_rewards, cfg))
-        for e, c, r in zip(examples, baseline.texts, baseline_rewards):
-            e.update({"baseline": c, "baseline_reward": r})
+        for e, i in zip(examples, shown):
+            e.update({"baseline": baseline.texts[i], "baseline_reward": baseline_rewards[i]})
     out["examples"] = examples
     return out
 

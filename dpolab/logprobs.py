@@ -42,14 +42,27 @@ def model_inputs(model, batch: dict) -> dict:
         logits_to_keep=batch["keep_mask"],
         use_cache=False,
     )
+    custom = batch.get("segments") is not None or (batch["attention_mask"] is not None and batch["attention_mask"].dim() == 4)
+    if custom:
+        _check_window(model, batch)
     if batch.get("segments") is not None:
         from . import attention
 
         attention.enable(model)
         kwargs["dpolab_segments"] = batch["segments"]
-    elif kwargs["attention_mask"] is not None and kwargs["attention_mask"].dim() == 4:
+    elif custom:
         kwargs["attention_mask"] = _mask_for(model, kwargs["attention_mask"])
     return kwargs
+
+
+def _check_window(model, batch: dict) -> None:
+    """Our masks and segments are full causal: refuse sequences longer than a sliding attention window."""
+    from .attention import model_config
+
+    window = getattr(model_config(model), "sliding_window", None)
+    if window and int(batch["position_ids"].max()) >= window:
+        raise ValueError(f"a sequence is longer than the model's sliding attention window ({window} tokens): "
+                         "pass --no-prefix-sharing --no-segment-attention")
 
 
 def _mask_for(model, mask: torch.Tensor) -> torch.Tensor:
@@ -66,7 +79,13 @@ def _mask_for(model, mask: torch.Tensor) -> torch.Tensor:
 
 def forward_logps(model, batch: dict) -> torch.Tensor:
     """Per-token completion log-probs (K,) fp32, in the order of batch['targets']."""
+    from . import attention
+
+    before = attention.calls
     out = model(**model_inputs(model, batch))
+    if batch.get("segments") is not None and attention.calls == before:
+        # a model whose attention layers drop extra keyword arguments would silently attend across the row
+        raise ValueError("this model's attention does not take dpolab's segments: pass --no-segment-attention")
     logits = out.logits.reshape(-1, out.logits.shape[-1])  # (P, V)
     return token_logps_from_logits(logits, batch["targets"], batch.get("target_rows"))
 

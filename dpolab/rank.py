@@ -170,7 +170,8 @@ def win_matrix_png(result: dict) -> bytes:
     for i in range(len(names)):
         for j in range(len(names)):
             if not np.isnan(frac[i, j]):
-                ax.text(j, i, f"{frac[i, j]:.2f}", ha="center", va="center", fontsize=9)
+                dark = abs(frac[i, j] - 0.5) > 0.3  # white text on the saturated ends of the colour map
+                ax.text(j, i, f"{frac[i, j]:.2f}", ha="center", va="center", fontsize=9, color="white" if dark else "black")
     ax.set_title(f"win rate of row over column ({result['items']} items)")
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()

@@ -43,7 +43,7 @@ FOUND_IN_RUN = ("metrics.jsonl", "eval.json", "rank.json", "tokens.jsonl")
 class ReportConfig(NotTraining):
     """`dpolab report`: self-contained HTML report (curves, eval tables, ranking, attribution) of run directories."""
 
-    runs: str = opt("", "Run directories, comma-separated (holding metrics.jsonl, eval.json, rank.json and/or tokens.jsonl).")
+    runs: str = opt("", "Run directories (positional, or comma-separated) holding metrics.jsonl, eval.json, rank.json and/or tokens.jsonl.", positional=True)
     output: str = opt("", "HTML file to write (default: report.html in the first run directory).")
     title: str = opt("dpolab report", "Title of the report.")
     examples: int = opt(5, "Per-token attribution examples shown per run.")
@@ -53,7 +53,7 @@ def report(cfg: ReportConfig | None = None, **overrides) -> Path:
     cfg = cfg or resolve(ReportConfig, **overrides)
     runs = [r.strip() for r in cfg.runs.split(",") if r.strip()] if isinstance(cfg.runs, str) else list(cfg.runs)
     if not runs:
-        raise ValueError("report needs at least one run directory: --runs DIR[,DIR...]")
+        raise ValueError("report needs at least one run directory: dpolab report RUN_DIR [RUN_DIR...]")
     out = Path(cfg.output) if cfg.output else Path(runs[0]) / "report.html"
     path = build_report(runs, out, title=cfg.title, examples=cfg.examples)
     print(f"dpolab report: {path} ({path.stat().st_size // 1024} KiB, self-contained)")

@@ -65,6 +65,8 @@ def reward_kind(spec: str) -> str:
         return "model"
     if ":" in spec:
         return "callable"
+    if "/" in spec or spec.startswith("."):
+        raise ValueError(f"reward model directory {spec} not found")
     raise ValueError(f"unknown reward {spec!r}: use sentiment, length, regex, a reward-model directory "
                      "or module:function")
 

@@ -336,7 +336,10 @@ def make_optimizer(cfg, model, total_steps: int):
     from transformers import get_scheduler
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The fused kernel updates every tensor in one pass: on CPU several times faster than the
+    # per-tensor loop (seconds per step for 135M parameters), the same update up to rounding.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) or None
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     warmup = int(cfg.warmup_ratio * total_steps)
     name = {"constant": "constant_with_warmup"}.get(cfg.scheduler, cfg.scheduler)
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)

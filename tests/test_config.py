@@ -57,7 +57,8 @@ def test_help_lists_every_option_with_default(command, capsys):
         build_parser().parse_args([command, "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for f in dataclasses.fields(cls):
-        assert "--" + f.name.replace("_", "-") in text, f.name
+        flag = f.name.upper() if f.metadata.get("positional") else "--" + f.name.replace("_", "-")
+        assert flag in text, f.name
         assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
 
 
@@ -76,3 +77,11 @@ def test_yaml_with_python_tags_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not valid YAML"):
         resolve(TrainConfig, parse(TrainConfig, ["--config", str(cfg_file)]))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_positional_run_dirs_for_report():
+    from dpolab.report import ReportConfig
+
+    args = build_parser().parse_args(["report", "runs/a", "runs/b", "--title", "t"])
+    cfg = resolve(ReportConfig, args)
+    assert cfg.runs == "runs/a,runs/b" and cfg.title == "t"

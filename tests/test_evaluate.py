@@ -132,7 +132,7 @@ def test_generation_eval_trained_policy(toy, tmp_path, capsys):
     assert w["win_rate"] == pytest.approx((w["wins"] + 0.5 * w["ties"]) / 8)
     assert w["ci"][0] <= w["win_rate"] <= w["ci"][1]
     assert math.isfinite(gen["kl"]["mean"]) and gen["kl"]["se"] >= 0
-    assert len(gen["examples"]) == 5 and {"policy", "baseline", "policy_reward"} <= set(gen["examples"][0])
+    assert len(gen["examples"]) == 4 and {"policy", "baseline", "policy_reward"} <= set(gen["examples"][0])  # 1 per prompt
     out = capsys.readouterr().out
     assert "win rate vs baseline" in out and "sequence KL" in out and "preference accuracy" in out
 
@@ -184,3 +184,13 @@ def test_cli_eval(toy, tmp_path, capsys):
     code = main(["eval", "--model", str(tmp_path / "missing"), "--data", str(toy["heldout"])])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "not found" in err
+
+
+@pytest.mark.slow
+def test_documented_hh_example_on_the_default_model(tmp_path):
+    """The docs' example (default model vs itself on HH-RLHF), cut to 2 pairs: all ties."""
+    from tests.conftest import HH_PATH
+
+    result = evaluate(model="default", ref_model="default", data=str(HH_PATH), limit=2, output_dir=str(tmp_path))
+    assert result["preference"]["n"] == 2 and result["preference"]["ties"] == 2
+    assert result["preference"]["accuracy"] == 0.5

@@ -174,7 +174,7 @@ def test_segments_with_gradient_checkpointing_and_lora(tokenizer):
     for layout in (PLAIN, Layout(True, True, True)):
         torch.manual_seed(0)
         model = tiny(len(tokenizer)).train()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
         chosen, rejected = pair_logps(model, collate_pairs(pairs, tokenizer.pad_token_id, layout))
         (chosen - rejected).sum().backward()
@@ -226,3 +226,27 @@ def test_flash_attention_models_refuse_prefix_sharing(tokenizer):
     batch = collate_pairs(edge_pairs(), 0, Layout(True, True, True))
     with pytest.raises(ValueError, match="no-prefix-sharing"):
         pair_logps(model, batch)
+
+
+def test_sliding_window_models_refuse_long_custom_layouts():
+    model = tiny(400)
+    model.config.sliding_window = 4  # a Mistral-style local window: our masks are full causal
+    pairs = edge_pairs()
+    with pytest.raises(ValueError, match="sliding attention window"):
+        pair_logps(model, collate_pairs(pairs, 0, Layout(True, True, True)))
+    with torch.no_grad():  # the plain layouts leave windows to transformers
+        pair_logps(model, collate_pairs(pairs, 0, PLAIN))
+
+
+def test_attention_that_drops_segments_is_an_error():
+    class DropsExtraArguments(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, dpolab_segments=None, **kwargs):
+            return self.inner(**kwargs)
+
+    model = DropsExtraArguments(tiny(400))
+    with pytest.raises(ValueError, match="no-segment-attention"):
+        pair_logps(model, collate_pairs(edge_pairs(), 0, Layout(True, True, True)))

@@ -10,7 +10,6 @@ import pytest
 from dpolab.models import ModelError
 from dpolab.rank import rank, ranking, win_matrix_png
 from tests.test_evaluate import trained_run
-from tests.test_score import other_model_dir  # noqa: F401 (fixture)
 
 
 @pytest.fixture

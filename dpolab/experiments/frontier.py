@@ -15,7 +15,7 @@ STYLE = {  # kind -> (colour, marker, legend label)
     "reference": ("#000000", "*", "reference"),
     "sweep": ("#d62728", "o", "sweep"),
 }
-COLUMNS = ["policy", "beta", "mean reward", "KL(pi||pi_ref)", "win rate vs ref", "pref. accuracy"]
+COLUMNS = ["policy", "beta", "reward", "KL to ref", "win vs ref", "pref. acc."]
 
 
 def frontier_png(points: list[dict], title: str, reward_name: str = "reward") -> bytes:
@@ -44,6 +44,7 @@ def frontier_png(points: list[dict], title: str, reward_name: str = "reward") ->
     ref = next((p for p in points if p["kind"] == "reference"), None)
     if ref:
         ax.axhline(ref["reward"], color="#888888", linestyle=":", linewidth=1)
+    ax.margins(x=0.12, y=0.1)  # room for the labels next to the outermost markers
     ax.set_xlabel("KL(pi || pi_ref), nats per completion")
     ax.set_ylabel(f"mean {reward_name} reward (held-out prompts)")
     ax.set_title(title)

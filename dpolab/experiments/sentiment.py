@@ -75,7 +75,8 @@ class ExperimentConfig(NotTraining):
     gen_batch_size: int = opt(64, "Sequences per generation batch.")
     eval_batch_size: int = opt(16, "Sequences per forward pass when measuring KL and accuracy.")
     seed: int = opt(0, "Seed of sampling, labelling and training.")
-    bf16: str = opt("auto", "bf16 autocast for training: auto | true | false (sampling and KL stay fp32).")
+    bf16: str = opt("false", "bf16 autocast for training: auto | true | false (sampling and KL stay fp32; on CPUs "
+                             "without native bf16 autocast is slower than fp32).")
     device: str = opt("auto", "auto | cpu | cuda.")
     output_dir: str = opt("runs/sentiment", "Experiment directory: runs, samples, results.json, frontier.png, report.html.")
     stages_dir: str = opt("", "Cache of generated pairs and reference samples (default <output_dir>/stages).")

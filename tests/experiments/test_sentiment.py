@@ -1,0 +1,113 @@
+"""The experiment pipeline end to end on the tiny model: report, frontier, iterative rounds, sweep."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from dpolab.experiments.sentiment import ExperimentConfig, SweepConfig, check, run, split_prompts, sweep, sweep_values
+
+# The tiny random model writes gibberish, so VADER would score nearly everything 0 (all ties):
+# the length reward gives these tests a reward that varies.
+TINY = dict(train_prompts=12, eval_prompts=3, num_samples=4, max_new_tokens=8, steps=2, batch_size=4, lr=1e-3,
+            sft_lr=1e-3, best_of="4", eval_samples=2, reward="length", reward_target_length=3, progress=False,
+            gen_batch_size=32, device="cpu")
+TINY_NO_BON = {k: v for k, v in TINY.items() if k != "best_of"}
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def experiment(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("experiment")
+    results = run(model=str(tiny_model_dir), output_dir=str(out), betas="0.1,0.5", rounds=2, active=True,
+                  active_fraction=0.5, **TINY)
+    return out, results
+
+
+def test_experiment_writes_report_frontier_and_results(experiment):
+    out, results = experiment
+    assert (out / "frontier.png").read_bytes().startswith(PNG)
+    html = (out / "report.html").read_text()
+    for text in ("Reward vs KL frontier", "data:image/png;base64,", "Examples: held-out prompts", "Preferred-FT",
+                 "best-of-4", "Training curves"):
+        assert text in html
+    on_disk = json.loads((out / "results.json").read_text())
+    assert [p["name"] for p in on_disk["points"]] == [p["name"] for p in results["points"]]
+
+
+def test_every_policy_and_baseline_is_a_point(experiment):
+    _, results = experiment
+    kinds = {}
+    for p in results["points"]:
+        kinds.setdefault(p["kind"], []).append(p)
+        assert math.isfinite(p["reward"]) and math.isfinite(p["kl"])
+    assert sorted(kinds) == ["best-of-n", "cdpo", "dpo", "dpo-round", "ipo", "preferred-ft", "reference"]
+    assert sorted(p["beta"] for p in kinds["dpo"]) == [0.1, 0.5]
+    (bon,) = kinds["best-of-n"]
+    assert bon["kl"] == pytest.approx(math.log(4) - 3 / 4) and bon["kl_from"] == "bound"
+    (ref,) = kinds["reference"]
+    assert ref["kl"] == 0 and ref["win_rate"] == 0.5
+    for p in kinds["dpo"] + kinds["ipo"] + kinds["cdpo"]:
+        assert p["kl_from"] == "samples" and 0 <= p["accuracy"] <= 1 and 0 <= p["win_rate"] <= 1
+
+
+def test_best_of_n_beats_the_reference_on_the_true_reward(experiment):
+    _, results = experiment
+    ref = next(p for p in results["points"] if p["kind"] == "reference")
+    bon = next(p for p in results["points"] if p["kind"] == "best-of-n")
+    assert bon["reward"] >= ref["reward"] and bon["win_rate"] >= 0.5
+
+
+def test_iterative_rounds_keep_the_reference_and_sample_actively(experiment):
+    import yaml
+
+    out, results = experiment
+    rounds = [p for p in results["points"] if p["kind"] == "dpo-round"]
+    assert [p["round"] for p in rounds] == [2, 2]  # one second round per beta
+    for p in rounds:
+        # --active: half the 12 prompts, with K / 0.5 = 8 samples each
+        assert p["sampled_prompts"] == 6 and p["samples_per_prompt"] == 8
+        config = yaml.safe_load((out / f"dpo-beta{p['beta']:g}-round2" / "config.yaml").read_text())
+        assert config["model"].endswith(f"dpo-beta{p['beta']:g}/final")  # trained from the latest policy
+        assert config["ref_model"] == results["reference"]  # against the original reference
+
+
+def test_rerun_reuses_finished_stages(experiment, tiny_model_dir):
+    out, first = experiment
+    again = run(model=str(tiny_model_dir), output_dir=str(out), betas="0.1,0.5", rounds=2, active=True,
+                active_fraction=0.5, **TINY)
+    assert [p["reward"] for p in again["points"]] == [p["reward"] for p in first["points"]]
+    with pytest.raises(ValueError, match="holds a run with other settings"):
+        run(model=str(tiny_model_dir), output_dir=str(out), betas="0.1", **{**TINY, "steps": 3})
+
+
+def test_sweep_over_beta_and_over_another_field(tiny_model_dir, tmp_path):
+    results = sweep(SweepConfig(model=str(tiny_model_dir), output_dir=str(tmp_path / "b"), values="0.1,1", **TINY))
+    assert sorted(p["value"] for p in results["points"] if p["kind"] == "sweep") == ["β=0.1", "β=1"]
+    assert (tmp_path / "b" / "frontier.png").read_bytes().startswith(PNG)
+    results = sweep(SweepConfig(model=str(tiny_model_dir), output_dir=str(tmp_path / "s"), field="steps", values="1,2",
+                                best_of="", **TINY_NO_BON))
+    assert [p["name"].split(" ")[0] for p in results["points"] if p["kind"] == "sweep"] == ["steps=1", "steps=2"]
+    # the pairs were generated once for both values: one pairs file in the shared stages
+    assert len([f for f in (tmp_path / "s" / "stages").glob("pairs-*.jsonl") if ".progress" not in f.name]) == 1
+
+
+def test_bad_settings_fail_clearly(tiny_model_dir):
+    for overrides, message in [({"name": "summaries"}, "unknown experiment"), ({"baselines": "ppo"}, "unknown baseline"),
+                               ({"betas": "0.1,x"}, "betas must be"), ({"best_of": "1"}, "best_of")]:
+        with pytest.raises(ValueError, match=message):
+            check(ExperimentConfig(**overrides))
+    with pytest.raises(ValueError, match="fewer than train_prompts"):
+        split_prompts(ExperimentConfig(train_prompts=1000))
+    with pytest.raises(ValueError, match="cannot sweep 'colour'"):
+        sweep_values(SweepConfig(field="colour"))
+    with pytest.raises(ValueError, match="not all int"):
+        sweep_values(SweepConfig(field="steps", values="1,two"))
+
+
+def test_held_out_prompts_do_not_depend_on_the_seed():
+    train, held = split_prompts(ExperimentConfig(train_prompts=50, eval_prompts=10))
+    assert not set(train) & set(held) and len(train) == 50 and len(held) == 10
+    assert split_prompts(ExperimentConfig(train_prompts=50, eval_prompts=10, seed=5))[1] == held
