@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/dpolab train --config examples/demo.yaml
+	$(BIN)/dpolab experiment --config examples/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider

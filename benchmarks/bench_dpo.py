@@ -45,15 +45,20 @@ def main(argv=None) -> int:
     args = parse(argv)
     if args.worker:
         return worker(json.loads(args.worker))
+    if args.table_from:
+        return print_saved(args.table_from)
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the matmul peak is measured with the runs' thread count
     work = Path(tempfile.mkdtemp(prefix="dpolab-bench-"))
     model_path = prepare_model(args.model, work)
     cases = list(CASES) if args.cases == "all" else args.cases.split(",")
     runs = args.runs.split(",")
     peaks = matmul_peaks(device)
-    print(f"device {device_name(device)}; plain matmul: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
+    print(f"device {device_name(device)}, {torch.get_num_threads()} threads; plain matmul: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
+          f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; runs with {args.threads or 'default'} threads", flush=True)
     results = []
     for case in cases:
         batch_size, max_length = CASES[case]
@@ -62,11 +67,11 @@ def main(argv=None) -> int:
             for name in runs:
                 spec = dict(name=name, case=case, rep=rep, model=model_path, device=device, batch_size=batch_size,
                             max_length=max_length, lr=args.lr, beta=args.beta, seed=args.seed, data=data,
-                            work=str(work / f"{case}-{name}-{rep}"), params=data["params"])
+                            work=str(work / f"{case}-{name}-{rep}"), params=data["params"], threads=args.threads)
                 results.append(run_worker(spec, args.timeout))
                 print(row(results[-1], data, peaks), flush=True)
     print()
-    print(table(results, peaks))
+    print(table(results))
     if args.out:
         Path(args.out).write_text(json.dumps({"peaks": peaks, "device": device_name(device), "results": results}, indent=1))
     return 0
@@ -83,7 +88,9 @@ def parse(argv):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--repeat", type=int, default=1, help="run every configuration this many times")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per run")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per run (0 = torch's default); 1 is steadier on a busy machine")
     p.add_argument("--out", default="", help="also write all results as JSON here")
+    p.add_argument("--table-from", nargs="+", default=[], metavar="JSON", help="print the table of saved --out files and exit")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -157,6 +164,8 @@ def count_params(model_path: str, config) -> int:
 def run_worker(spec: dict, timeout: int) -> dict:
     env = {**os.environ, "DPOLAB_CACHE": str(Path(spec["work"]) / "cache"), "TQDM_DISABLE": "1",
            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    if spec["threads"]:
+        env.update(OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
     spec = {**spec, "load_before": os.getloadavg()[0]}  # other work on the machine slows every run
     try:
@@ -211,11 +220,27 @@ def device_name(device: str) -> str:
 
 
 # ----------------------------------------------------------------------------- reporting
+def print_saved(paths: list[str]) -> int:
+    """One table from earlier runs (e.g. several invocations at different times)."""
+    results = []
+    for path in paths:
+        saved = json.loads(Path(path).read_text())
+        for r in saved["results"]:
+            r.update(rates(r, r["data"], saved["peaks"]) if "error" not in r else {})
+            r["rep"] = f"{Path(path).stem}:{r['rep']}"
+            results.append(r)
+        print(f"{path}: {saved['device']}; matmul fp32 {saved['peaks']['fp32'] / 1e9:.0f} GFLOP/s, bf16 {saved['peaks']['bf16'] / 1e9:.0f} GFLOP/s")
+    print(table(results))
+    return 0
+
+
 def rates(r: dict, data: dict, peaks: dict) -> dict:
     seconds = r["ref_s"] + r["train_s"]
     flops = 8 * data["params"] * data["real_tokens"]
+    cpu = r.get("ref_cpu_s", math.nan) + r.get("train_cpu_s", math.nan)
     return {"pairs/s": data["pairs"] / seconds, "tokens/s": data["real_tokens"] / seconds, "flop/s": flops / seconds,
-            "bf16 frac": flops / seconds / peaks["bf16"], "fp32 frac": flops / seconds / peaks["fp32"]}
+            "bf16 frac": flops / seconds / peaks["bf16"], "fp32 frac": flops / seconds / peaks["fp32"],
+            "pairs/cpu-s": data["pairs"] / cpu}
 
 
 def row(r: dict, data: dict, peaks: dict) -> str:
@@ -232,29 +257,34 @@ def row(r: dict, data: dict, peaks: dict) -> str:
     return line
 
 
-def table(results: list[dict], peaks: dict) -> str:
+def table(results: list[dict]) -> str:
     """Markdown table; ratios against every TRL run of the same case and repetition."""
-    lines = ["| case | run | pairs/s | tokens/s | peak RSS GB | useful GFLOP/s | of bf16 matmul | of fp32 matmul | first loss | load avg |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | run | pairs/s | tokens/s | peak RSS GB | useful GFLOP/s | of bf16 matmul | of fp32 matmul | first loss | load avg | pairs per CPU-s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['name']} | failed: {r['error'][:80]} | | | | | | | |")
+            lines.append(f"| {r['case']} | {r['name']} | failed: {r['error'][:80]} | | | | | | | | |")
             continue
         lines.append(f"| {r['case']} | {r['name']} | {r['pairs/s']:.3f} | {r['tokens/s']:.0f} | {r['peak_rss_gb']:.2f} | "
                      f"{r['flop/s'] / 1e9:.1f} | {r['bf16 frac']:.1%} | {r['fp32 frac']:.1%} | {r['losses'][0]:.6f} | "
-                     f"{r['load_before']:.1f}-{r['load_after']:.1f} |")
-    lines += ["", "| case | rep | dpolab run | vs TRL run | speed-up (pairs/s) | memory (RSS) | max loss difference per step |", "|---|---|---|---|---|---|---|"]
+                     f"{r['load_before']:.1f}-{r['load_after']:.1f} | {r['pairs/cpu-s']:.3f} |")
+    lines += ["", "| case | rep | dpolab run | vs TRL run | speed-up (pairs/s) | speed-up (CPU time) | memory (RSS) | max loss difference per step |",
+              "|---|---|---|---|---|---|---|---|"]
     ok = [r for r in results if "error" not in r]
     for d in (r for r in ok if r["name"].startswith("dpolab")):
         for t in (r for r in ok if r["name"].startswith("trl") and r["case"] == d["case"] and r["rep"] == d["rep"]):
             diff = max(abs(a - b) for a, b in zip(d["losses"], t["losses"])) if len(d["losses"]) == len(t["losses"]) else float("nan")
             lines.append(f"| {d['case']} | {d['rep']} | {d['name']} | {t['name']} | {d['pairs/s'] / t['pairs/s']:.2f}x | "
-                         f"{d['peak_rss_gb'] / t['peak_rss_gb']:.2f}x | {diff:.2e} |")
+                         f"{d['pairs/cpu-s'] / t['pairs/cpu-s']:.2f}x | {d['peak_rss_gb'] / t['peak_rss_gb']:.2f}x | {diff:.2e} |")
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- the workers
 def worker(spec: dict) -> int:
+    import torch
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
     tool, precision, precompute, checkpointing = RUNS[spec["name"]]
     result = (run_trl if tool == "trl" else run_dpolab)(spec, precision == "bf16", precompute, checkpointing)
     import resource
@@ -269,21 +299,28 @@ def worker(spec: dict) -> int:
 
 
 class Timer:
-    """Wall time spent inside wrapped functions (synchronising the GPU around them)."""
+    """Wall and CPU time spent inside wrapped functions (synchronising the GPU around them).
+
+    CPU time (all threads) varies less than wall time when other work shares the machine.
+    """
 
     def __init__(self, device: str):
-        self.device, self.seconds = device, 0.0
+        self.device, self.seconds, self.cpu = device, 0.0, 0.0
 
     def wrap(self, fn):
         def timed(*args, **kwargs):
-            sync(self.device)
-            start = time.perf_counter()
-            try:
+            with self:
                 return fn(*args, **kwargs)
-            finally:
-                sync(self.device)
-                self.seconds += time.perf_counter() - start
         return timed
+
+    def __enter__(self):
+        sync(self.device)
+        self._start, self._cpu = time.perf_counter(), time.process_time()
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        self.seconds += time.perf_counter() - self._start
+        self.cpu += time.process_time() - self._cpu
 
 
 def run_dpolab(spec: dict, bf16: bool, precompute: bool, checkpointing: bool) -> dict:
@@ -303,6 +340,7 @@ def run_dpolab(spec: dict, bf16: bool, precompute: bool, checkpointing: bool) ->
         seed=spec["seed"], progress=False, device=spec["device"])
     losses = [h["loss"] for h in result["history"] if h.get("split", "train") == "train" and "loss" in h]
     return {"ref_s": ref_timer.seconds, "train_s": fit_timer.seconds - ref_timer.seconds - save_timer.seconds,
+            "ref_cpu_s": ref_timer.cpu, "train_cpu_s": fit_timer.cpu - ref_timer.cpu - save_timer.cpu,
             "losses": losses, "steps": result["steps"]}
 
 
@@ -328,14 +366,12 @@ def run_trl(spec: dict, bf16: bool, precompute: bool, checkpointing: bool) -> di
     DPOTrainer._precompute_ref_logps = ref_timer.wrap(DPOTrainer._precompute_ref_logps)
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer)
     tokens = sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in trainer.train_dataset)
-    sync(spec["device"])
-    start = time.perf_counter()
-    trainer.train()
-    sync(spec["device"])
-    train_s = time.perf_counter() - start
+    train_timer = Timer(spec["device"])
+    with train_timer:
+        trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"ref_s": ref_timer.seconds, "train_s": train_s, "losses": losses, "steps": trainer.state.global_step,
-            "trl_real_tokens": tokens}
+    return {"ref_s": ref_timer.seconds, "train_s": train_timer.seconds, "ref_cpu_s": ref_timer.cpu,
+            "train_cpu_s": train_timer.cpu, "losses": losses, "steps": trainer.state.global_step, "trl_real_tokens": tokens}
 
 
 if __name__ == "__main__":

@@ -50,6 +50,8 @@ def model_inputs(model, batch: dict) -> dict:
 
         attention.enable(model)
         kwargs["dpolab_segments"] = batch["segments"]
+        # an all-ones padding mask: transformers then skips building a T x T mask nobody reads
+        kwargs["attention_mask"] = torch.ones_like(batch["input_ids"])
     elif custom:
         kwargs["attention_mask"] = _mask_for(model, kwargs["attention_mask"])
     return kwargs

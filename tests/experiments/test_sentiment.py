@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -20,9 +21,12 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def experiment(tiny_model_dir, tmp_path_factory):
+    from tests.conftest import write_toy_pairs
+
     out = tmp_path_factory.mktemp("experiment")
+    sft_data = write_toy_pairs(out / "sft.jsonl", 8)
     results = run(model=str(tiny_model_dir), output_dir=str(out), betas="0.1,0.5", rounds=2, active=True,
-                  active_fraction=0.5, **TINY)
+                  active_fraction=0.5, sft_data=str(sft_data), sft_steps=1, **TINY)
     return out, results
 
 
@@ -74,13 +78,24 @@ def test_iterative_rounds_keep_the_reference_and_sample_actively(experiment):
         assert config["ref_model"] == results["reference"]  # against the original reference
 
 
+def test_optional_sft_stage_becomes_the_reference(experiment):
+    out, results = experiment
+    assert results["reference"] == str(out / "sft" / "final")
+    for p in results["points"]:
+        if p.get("run_dir") and p["kind"] != "dpo-round":
+            import yaml
+
+            assert yaml.safe_load((Path(p["run_dir"]) / "config.yaml").read_text())["model"] == results["reference"]
+
+
 def test_rerun_reuses_finished_stages(experiment, tiny_model_dir):
     out, first = experiment
     again = run(model=str(tiny_model_dir), output_dir=str(out), betas="0.1,0.5", rounds=2, active=True,
-                active_fraction=0.5, **TINY)
+                active_fraction=0.5, sft_data=str(out / "sft.jsonl"), sft_steps=1, **TINY)
     assert [p["reward"] for p in again["points"]] == [p["reward"] for p in first["points"]]
     with pytest.raises(ValueError, match="holds a run with other settings"):
-        run(model=str(tiny_model_dir), output_dir=str(out), betas="0.1", **{**TINY, "steps": 3})
+        run(model=str(tiny_model_dir), output_dir=str(out), betas="0.1", sft_data=str(out / "sft.jsonl"), sft_steps=1,
+            **{**TINY, "steps": 3})
 
 
 def test_sweep_over_beta_and_over_another_field(tiny_model_dir, tmp_path):
@@ -111,3 +126,12 @@ def test_held_out_prompts_do_not_depend_on_the_seed():
     train, held = split_prompts(ExperimentConfig(train_prompts=50, eval_prompts=10))
     assert not set(train) & set(held) and len(train) == 50 and len(held) == 10
     assert split_prompts(ExperimentConfig(train_prompts=50, eval_prompts=10, seed=5))[1] == held
+
+
+def test_demo_config_parses():
+    from dpolab.config import resolve
+    from tests.conftest import REPO
+
+    cfg = resolve(ExperimentConfig, config=str(REPO / "examples" / "demo.yaml"))
+    check(cfg)
+    assert cfg.model == "default" and cfg.name == "sentiment"
