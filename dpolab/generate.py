@@ -427,6 +427,8 @@ def progress_path(out: Path) -> Path:
 def resume_state(out: Path, current: dict, overwrite: bool) -> set[int]:
     """Prompt indices already done in `out` (after dropping rows of unfinished prompts)."""
     log = progress_path(out)
+    if not overwrite and not log.exists() and out.exists() and out.stat().st_size > 0:
+        raise ValueError(f"{out} exists and has no {log.name} to resume from: pass --overwrite to replace it")
     if overwrite or not log.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("")

@@ -234,6 +234,13 @@ def test_generate_refuses_to_mix_settings(tiny_model_dir, tmp_path):
     assert _generate(tiny_model_dir, tmp_path, seed=1, overwrite=True)["skipped"] == 0
 
 
+def test_generate_never_overwrites_a_foreign_file(tiny_model_dir, tmp_path):
+    (tmp_path / "pairs.jsonl").write_text('{"mine": 1}\n')
+    with pytest.raises(ValueError, match="no pairs.jsonl.progress.jsonl to resume from"):
+        _generate(tiny_model_dir, tmp_path)
+    assert (tmp_path / "pairs.jsonl").read_text() == '{"mine": 1}\n'
+
+
 def test_generate_chat_pairs_are_conversational(tiny_model_dir, tmp_path):
     _generate(tiny_model_dir, tmp_path, chat=True, reward="regex", reward_pattern="a")
     for line in (tmp_path / "pairs.jsonl").read_text().splitlines():
@@ -247,3 +254,17 @@ def test_generate_cli_bad_reward_is_one_line(tiny_model_dir, tmp_path, capsys):
     code = main(["generate", "--model", str(tiny_model_dir), "--reward", "happiness", "--output", str(tmp_path / "x.jsonl")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "unknown reward 'happiness'" in err
+
+
+@pytest.mark.slow
+def test_default_model_continues_review_openings():
+    """The real default model: seeded sampling is batch-independent and VADER tells its continuations apart."""
+    from dpolab.models import load_model, load_tokenizer
+    from dpolab.rewards import load_reward
+
+    model, tokenizer = load_model("default").eval(), load_tokenizer("default")
+    prompts = read_prompts(limit=4)
+    a = sample(model, tokenizer, prompts, num_samples=4, max_new_tokens=12, seed=3, batch_size=16)
+    assert a == sample(model, tokenizer, prompts, num_samples=4, max_new_tokens=12, seed=3, batch_size=5)
+    scores = load_reward("sentiment")([p for p in prompts for _ in range(4)], [c for row in a for c in row])
+    assert len(set(scores)) > 2 and all(-1 <= s <= 1 for s in scores)
