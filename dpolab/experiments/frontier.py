@@ -27,7 +27,7 @@ def frontier_png(points: list[dict], title: str, reward_name: str = "reward") ->
 
     from ..report import savefig
 
-    fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    fig, ax = plt.subplots(figsize=(9.5, 5.4))
     for kind, (colour, marker, label) in STYLE.items():
         group = sorted((p for p in points if p["kind"] == kind), key=lambda p: p["kl"])
         if not group:
@@ -37,10 +37,11 @@ def frontier_png(points: list[dict], title: str, reward_name: str = "reward") ->
                     color=colour, label=label, markersize=9 if kind == "reference" else 7, capsize=2,
                     linestyle="-" if kind in ("dpo", "sweep", "best-of-n") and len(group) > 1 else "none",
                     linewidth=1, alpha=0.9, markerfacecolor="none" if kind == "best-of-n" else colour)
-        for p in group:
+        for k, p in enumerate(group):
             tag = point_tag(p)
-            if tag:
-                ax.annotate(tag, (p["kl"], p["reward"]), textcoords="offset points", xytext=(5, 5), fontsize=8, color=colour)
+            if tag:  # alternate above / below so neighbouring labels do not overprint
+                ax.annotate(tag, (p["kl"], p["reward"]), textcoords="offset points", xytext=(5, 6 if k % 2 == 0 else -13),
+                            fontsize=8, color=colour)
     ref = next((p for p in points if p["kind"] == "reference"), None)
     if ref:
         ax.axhline(ref["reward"], color="#888888", linestyle=":", linewidth=1)
@@ -49,7 +50,7 @@ def frontier_png(points: list[dict], title: str, reward_name: str = "reward") ->
     ax.set_ylabel(f"mean {reward_name} reward (held-out prompts)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a marker
     fig.tight_layout()
     return savefig(fig)
 
@@ -59,7 +60,7 @@ def point_tag(p: dict) -> str:
         return f"N={p.get('n')}"
     if p["kind"] == "sweep":
         return str(p.get("value"))
-    if p["kind"] in ("dpo", "dpo-round", "ipo", "cdpo") and p.get("beta") is not None:
+    if p["kind"] in ("dpo", "dpo-round") and p.get("beta") is not None:  # baselines: named in the legend
         return f"β={p['beta']:g}" + (f" r{p['round']}" if p.get("round", 0) > 1 else "")
     return ""
 

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..generate import encode_prompt, make_pairs, prompt_text, sample_ids
+from ..generate import SampleProgress, encode_prompt, make_pairs, prompt_text, sample_ids
 
 
 @dataclass
@@ -50,9 +50,10 @@ def draw(model, ref: Reference, prompts: list, n: int, cfg, reward_fn) -> dict:
     Returns {"samples": [[str]], "rewards": [[float]], "ids": [[(prompt_ids, completion_ids)]]}:
     the ids are exactly the sampled tokens (stop token excluded), for the KL estimate.
     """
-    ids = sample_ids(model, ref.tokenizer, prompts, num_samples=n, max_new_tokens=cfg.max_new_tokens,
-                     temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed + 1, batch_size=cfg.gen_batch_size,
-                     chat=cfg.chat)
+    with SampleProgress(len(prompts) * n, cfg.progress) as bar:
+        ids = sample_ids(model, ref.tokenizer, prompts, num_samples=n, max_new_tokens=cfg.max_new_tokens,
+                         temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed + 1,
+                         batch_size=cfg.gen_batch_size, chat=cfg.chat, on_batch=bar.advance)
     samples = [[ref.tokenizer.decode(c, skip_special_tokens=True) for c in row] for row in ids]
     flat_rewards = reward_fn([prompt_text(p) for p in prompts for _ in range(n)], [c for row in samples for c in row])
     rewards = [[float(r) for r in flat_rewards[i * n : (i + 1) * n]] for i in range(len(prompts))]

@@ -54,6 +54,7 @@ class ExperimentConfig(NotTraining):
     reward_target_length: int = opt(20, "length reward: target number of words.")
     num_samples: int = opt(4, "K: completions sampled per training prompt.")
     pair_strategy: str = opt("best-vs-worst", "Pairs per prompt: best-vs-worst | random | all.")
+    min_gap: float = opt(0.0, "Drop pairs whose reward gap is below this (equal rewards are always dropped).")
     max_new_tokens: int = opt(24, "Tokens per sampled completion at most.")
     temperature: float = opt(1.0, "Sampling temperature (pairs and evaluation).")
     top_p: float = opt(1.0, "Nucleus sampling threshold (1 = off).")
@@ -314,7 +315,7 @@ def generate_pairs(cfg: ExperimentConfig, model: str, prompts: list, indices: li
 
     stages = stages_dir(cfg)
     seed = cfg.seed + 1000 * (round_ - 1)  # fresh noise every round
-    name = key(model_key(model), prompts, k, sampling(cfg), cfg.pair_strategy, seed)
+    name = key(model_key(model), prompts, k, sampling(cfg), cfg.pair_strategy, cfg.min_gap, seed)
     prompt_file = stages / f"prompts-{name}.jsonl"
     prompt_file.write_text("".join(json.dumps({"prompt": p, "train_index": i}, ensure_ascii=False) + "\n"
                                    for p, i in zip(prompts, indices)), encoding="utf-8")
@@ -322,7 +323,7 @@ def generate_pairs(cfg: ExperimentConfig, model: str, prompts: list, indices: li
     generate(GenerateConfig(
         model=model, prompts=str(prompt_file), output=str(output), num_samples=k, max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature, top_p=cfg.top_p, seed=seed, batch_size=cfg.gen_batch_size, chat=cfg.chat,
-        pair_strategy=cfg.pair_strategy, reward=cfg.reward, reward_model=cfg.reward_model,
+        pair_strategy=cfg.pair_strategy, min_gap=cfg.min_gap, reward=cfg.reward, reward_model=cfg.reward_model,
         reward_pattern=cfg.reward_pattern, reward_absent=cfg.reward_absent,
         reward_target_length=cfg.reward_target_length, device=cfg.device, progress=cfg.progress))
     if count_lines(output) == 0:
