@@ -64,6 +64,8 @@ class CommonConfig:
     eval_every: int = opt(0, "Evaluate every N steps (0 = only at the end).")
     save_every: int = opt(0, "Checkpoint every N steps (0 = only at the end).")
     keep_last: int = opt(0, "Keep only the last K step checkpoints (0 = keep all).")
+    final_checkpoint: bool = opt(True, "Also checkpoint the training state (optimizer, scheduler) at the end, to "
+                                       "continue later with more steps; off saves disk (3x the model size).")
     max_bad_steps: int = opt(10, "Non-finite loss/grad steps skipped before the run stops.")
     resume: bool = opt(False, "Continue from the latest checkpoint in output_dir.")
     device: str = opt("auto", "auto | cpu | cuda.")

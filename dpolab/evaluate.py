@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import opt, resolve
-from .score import NotTraining
 
 
 @dataclass
-class EvalConfig(NotTraining):
+class EvalConfig:
     """`dpolab eval`: preference accuracy on pairs; reward, win rate and KL from samples."""
 
     model: str = opt("default", "Policy: a checkpoint dir, a LoRA adapter dir, 'default' or a hub id.")

@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import opt, resolve
-from .score import NotTraining
 
 STRATEGIES = ("best-vs-worst", "random", "all")
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "</s>")
@@ -43,7 +42,7 @@ BUILTIN_PROMPTS = Path(__file__).parent / "resources" / "sentiment_prompts.txt"
 
 
 @dataclass
-class GenerateConfig(NotTraining):
+class GenerateConfig:
     """`dpolab generate`: sample K completions per prompt, score them with a reward, write preference pairs."""
 
     model: str = opt("default", "Model to sample from: 'default', a checkpoint dir or a hub id.")

@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import opt, resolve
-from .score import NotTraining
 
 
 @dataclass
-class RankConfig(NotTraining):
+class RankConfig:
     """`dpolab rank`: several checkpoints on the same pairs or prompts; win matrix and Bradley-Terry ranking."""
 
     models: str = opt("", "Comma-separated model paths (checkpoints, LoRA adapters, 'default').")

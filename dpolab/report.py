@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import opt, resolve
-from .score import NotTraining
 
 CURVES = [  # (panel title, [(metric key, line style)])
     ("loss", [("loss", "-")]),
@@ -40,7 +39,7 @@ FOUND_IN_RUN = ("metrics.jsonl", "eval.json", "rank.json", "tokens.jsonl")
 
 
 @dataclass
-class ReportConfig(NotTraining):
+class ReportConfig:
     """`dpolab report`: self-contained HTML report (curves, eval tables, ranking, attribution) of run directories."""
 
     runs: str = opt("", "Run directories (positional, or comma-separated) holding metrics.jsonl, eval.json, rank.json and/or tokens.jsonl.", positional=True)

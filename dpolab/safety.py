@@ -85,12 +85,14 @@ def prepare_output(run, model, total_steps: int) -> None:
         checkpoint.remove_partial(run.output_dir)
     ckpt, final = estimate_bytes(model, run.tokenizer, getattr(cfg, "merge_lora", False))
     free = shutil.disk_usage(run.output_dir).free
-    if free < ckpt + final:
+    periodic = (total_steps - 1) // cfg.save_every if cfg.save_every else 0  # the end is not a periodic save
+    saves = periodic + int(getattr(cfg, "final_checkpoint", True))
+    if free < (ckpt if saves else 0) + final:
         raise _training_error(
-            f"not enough disk space in {run.output_dir}: {human_bytes(free)} free, but a checkpoint needs about "
-            f"{human_bytes(ckpt)} and the final model {human_bytes(final)}; free some space or choose another --output-dir"
+            f"not enough disk space in {run.output_dir}: {human_bytes(free)} free, but "
+            + (f"a checkpoint needs about {human_bytes(ckpt)} and " if saves else "")
+            + f"the final model {human_bytes(final)}; free some space or choose another --output-dir"
         )
-    saves = (total_steps - 1) // cfg.save_every + 1 if cfg.save_every else 1  # every save_every steps + the end
     kept = min(saves, cfg.keep_last + 1) if cfg.keep_last else saves  # +1: written before the oldest is pruned
     if free < kept * ckpt + final:
         acc.print(

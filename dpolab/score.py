@@ -25,19 +25,8 @@ from .config import opt, resolve
 ADAPTER = "adapter"  # reference = the policy with its LoRA adapter disabled
 
 
-class NotTraining:
-    """Neutral values of the training settings that `config.validate` checks on every config.
-
-    Class attributes, not dataclass fields: they are no options and never show in --help; a
-    config's own field of the same name (e.g. batch_size) takes precedence.
-    """
-
-    grad_accum, scheduler, eval_fraction, bf16 = 1, "constant", 0.0, "false"
-    batch_size, max_length, max_prompt_length = 1, 2, 1
-
-
 @dataclass
-class ScoreConfig(NotTraining):
+class ScoreConfig:
     """`dpolab score`: implicit reward beta*(log pi - log pi_ref) of responses, ranked per prompt."""
 
     model: str = opt("default", "Policy: a checkpoint dir, a LoRA adapter dir, 'default' or a hub id.")

@@ -311,7 +311,8 @@ def fit(run: Run, model, train_idx: list[int], eval_idx: list[int], objective, m
                 raise stop.interrupted(counters["step"], run.output_dir, acc)
         if eval_idx:
             logger.log(counters["step"], evaluate(run, model, eval_idx, objective, make_batch), "eval")
-        save_checkpoint(run, model, optimizer, scheduler, counters)
+        if cfg.final_checkpoint:
+            save_checkpoint(run, model, optimizer, scheduler, counters)
         save_final(run, model)
     finally:
         stop.restore()

@@ -120,6 +120,13 @@ def test_resume_is_exact(tiny_model_dir, toy_data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_final_checkpoint_off_keeps_periodic_checkpoints_and_final_model(tiny_model_dir, toy_data, tmp_path):
+    out = tmp_path / "r"
+    run(tiny_model_dir, toy_data, out, max_steps=5, save_every=2, final_checkpoint=False)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]  # no checkpoint-5
+    assert (out / "final" / "model.safetensors").exists()
+
+
 def test_existing_run_is_not_overwritten(tiny_model_dir, toy_data, tmp_path):
     run(tiny_model_dir, toy_data, tmp_path / "r", max_steps=1)
     with pytest.raises(TrainingError, match="already holds a run"):

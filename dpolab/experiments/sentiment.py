@@ -28,14 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import opt, resolve
-from ..score import NotTraining
 
 BASELINES = ("preferred-ft", "ipo", "cdpo")
 EXPERIMENTS = ("sentiment",)
 
 
 @dataclass
-class ExperimentConfig(NotTraining):
+class ExperimentConfig:
     """`dpolab experiment`: the DPO paper's controlled-sentiment experiment, ending in a reward-vs-KL frontier."""
 
     name: str = opt("sentiment", "Experiment: sentiment (continue movie-review openings with positive sentiment).")
@@ -366,7 +365,7 @@ def train_policy(spec: dict, model: str, ref_model: str, data, cfg: ExperimentCo
 
     kw = dict(model=model, data=str(data), output_dir=str(run_dir), max_steps=cfg.steps if steps is None else steps,
               batch_size=cfg.batch_size, eval_fraction=0.0, seed=cfg.seed, bf16=cfg.bf16, device=cfg.device,
-              progress=cfg.progress, resume=True)
+              progress=cfg.progress, resume=True, final_checkpoint=False)  # final/ is all the experiment reads
     if spec["objective"] == "sft":
         kw["lr"] = cfg.sft_lr
     else:
@@ -386,7 +385,7 @@ def reusable(run_dir: Path, kw: dict) -> bool:
     if not config.exists():
         return False
     recorded = yaml.safe_load(config.read_text()) or {}
-    differ = sorted(k for k, v in kw.items() if k not in ("progress", "resume") and recorded.get(k) != v)
+    differ = sorted(k for k, v in kw.items() if k not in ("progress", "resume", "final_checkpoint") and recorded.get(k) != v)
     if differ:
         raise ValueError(f"{run_dir} holds a run with other settings ({', '.join(differ)}): "
                          "choose another --output-dir or remove it")
