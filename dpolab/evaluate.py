@@ -297,12 +297,6 @@ def result_rows(result: dict) -> list[tuple[str, str]]:
 
 
 def print_result(result: dict, path: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from .metrics import print_table
 
-    table = Table(title=f"dpolab eval ({result.get('seconds', 0)} s) -> {path}")
-    table.add_column("metric")
-    table.add_column("value")
-    for name, value in result_rows(result):
-        table.add_row(name, value)
-    Console().print(table)
+    print_table(f"dpolab eval ({result.get('seconds', 0)} s) -> {path}", ["metric", "value"], result_rows(result))

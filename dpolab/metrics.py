@@ -86,6 +86,20 @@ class MetricsLogger:
         return table
 
 
+def print_table(title: str, columns, rows, footer: str = "", left: str | None = None) -> None:
+    """A rich table on the terminal: the `left` column (default: the first) left-aligned, the rest right."""
+    left = left or columns[0]
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="left" if col == left else "right")
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    if footer:
+        console.print(footer)
+
+
 def _drop_after(path: Path, step: int) -> None:
     """Keep only records up to `step` (atomically), so a resumed run logs each step once."""
     import os

@@ -193,14 +193,7 @@ RANK_COLUMNS = ["rank", "model", "Bradley-Terry Elo [95% CI]", "mean score", "wi
 
 
 def print_ranking(result: dict, out: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from .metrics import print_table
 
-    table = Table(title=f"dpolab rank: {result['mode']} ({result['items']} items, score = {result['measure']})")
-    for col in RANK_COLUMNS:
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for row in ranking_rows(result):
-        table.add_row(*row)
-    console = Console()
-    console.print(table)
-    console.print(f"-> {out / 'rank.json'}, {out / 'win_matrix.png'}")
+    print_table(f"dpolab rank: {result['mode']} ({result['items']} items, score = {result['measure']})", RANK_COLUMNS,
+                ranking_rows(result), footer=f"-> {out / 'rank.json'}, {out / 'win_matrix.png'}", left="model")

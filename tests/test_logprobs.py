@@ -250,3 +250,31 @@ def test_attention_that_drops_segments_is_an_error():
     model = DropsExtraArguments(tiny(400))
     with pytest.raises(ValueError, match="no-segment-attention"):
         pair_logps(model, collate_pairs(edge_pairs(), 0, Layout(True, True, True)))
+
+
+def test_flushing_denormals_changes_nothing_above_them():
+    """A confident softmax over a large vocab: its backward is full of denormal floats (slow on
+    x86); flushing changes nothing above them (the speed is measured in benchmarks/)."""
+    from dpolab.models import flush_denormals
+
+    torch.manual_seed(0)
+    logits = torch.randn(16, 5000) * 3
+    logits[:, 7] += 110.0  # p(other tokens) ~ e^-110 < 1.2e-38: denormal or zero
+    targets = torch.full((16,), 7)
+    results = {}
+    try:
+        for on in (False, True):
+            flush_denormals(on)
+            x = logits.clone().requires_grad_()
+            logps = token_logps_from_logits(x, targets)
+            logps.sum().backward()
+            results[on] = (logps.detach(), x.grad)
+    finally:
+        flush_denormals(False)
+    tiny = torch.finfo(torch.float32).tiny
+    (lp_off, g_off), (lp_on, g_on) = results[False], results[True]
+    denormal_off = (g_off != 0) & (g_off.abs() < tiny)
+    assert denormal_off.sum() > 1000  # the slow case is real
+    assert torch.equal(lp_on, lp_off)
+    assert torch.equal(g_on[~denormal_off], g_off[~denormal_off])
+    assert (g_on[denormal_off].abs() < tiny).all()  # zero, or a denormal that later arithmetic reads as zero

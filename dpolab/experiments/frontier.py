@@ -114,14 +114,6 @@ def examples_section(prompts: list, points: list[dict], count: int = 6) -> str:
 
 
 def print_summary(points: list[dict], title: str, footer: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from ..metrics import print_table
 
-    t = Table(title=title)
-    for col in COLUMNS:
-        t.add_column(col, justify="left" if col == "policy" else "right")
-    for row in table_rows(points):
-        t.add_row(*row)
-    console = Console()
-    console.print(t)
-    console.print(footer)
+    print_table(title, COLUMNS, table_rows(points), footer=footer)
