@@ -95,6 +95,8 @@ def print_table(title: str, columns, rows, footer: str = "", left: str | None = 
     for row in rows:
         table.add_row(*row)
     console = Console()
+    if not console.is_terminal:  # a log file: do not wrap cells at rich's default 80 columns
+        console = Console(width=160)
     console.print(table)
     if footer:
         console.print(footer)
