@@ -86,7 +86,7 @@ def prepare_output(run, model, total_steps: int) -> None:
     ckpt, final = estimate_bytes(model, run.tokenizer, getattr(cfg, "merge_lora", False))
     free = shutil.disk_usage(run.output_dir).free
     periodic = (total_steps - 1) // cfg.save_every if cfg.save_every else 0  # the end is not a periodic save
-    saves = periodic + int(getattr(cfg, "final_checkpoint", True))
+    saves = periodic + int(cfg.final_checkpoint)
     if free < (ckpt if saves else 0) + final:
         raise _training_error(
             f"not enough disk space in {run.output_dir}: {human_bytes(free)} free, but "

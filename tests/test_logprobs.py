@@ -255,8 +255,6 @@ def test_attention_that_drops_segments_is_an_error():
 def test_flushing_denormals_changes_nothing_above_them():
     """A confident softmax over a large vocab: its backward is full of denormal floats (slow on
     x86); flushing changes nothing above them (the speed is measured in benchmarks/)."""
-    from dpolab.models import flush_denormals
-
     torch.manual_seed(0)
     logits = torch.randn(16, 5000) * 3
     logits[:, 7] += 110.0  # p(other tokens) ~ e^-110 < 1.2e-38: denormal or zero
@@ -264,13 +262,13 @@ def test_flushing_denormals_changes_nothing_above_them():
     results = {}
     try:
         for on in (False, True):
-            flush_denormals(on)
+            torch.set_flush_denormal(on)
             x = logits.clone().requires_grad_()
             logps = token_logps_from_logits(x, targets)
             logps.sum().backward()
             results[on] = (logps.detach(), x.grad)
     finally:
-        flush_denormals(False)
+        torch.set_flush_denormal(False)
     tiny = torch.finfo(torch.float32).tiny
     (lp_off, g_off), (lp_on, g_on) = results[False], results[True]
     denormal_off = (g_off != 0) & (g_off.abs() < tiny)
