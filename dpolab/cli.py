@@ -47,10 +47,11 @@ def available() -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dpolab", description="Direct Preference Optimization and its family.")
+    parser = argparse.ArgumentParser(prog="dpolab", description="Direct Preference Optimization and its family.", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, _, help_text) in available().items():
-        p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or help_text).strip())
+        # allow_abbrev=False: `--los` must be an error, not silently `--loss`
+        p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or help_text).strip(), allow_abbrev=False)
         add_arguments(p, cls)
     return parser
 
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 def user_errors() -> tuple[type, ...]:
     from .data.files import DataError
     from .models import ModelError
-    from .train import TrainingError
+    from .errors import TrainingError
 
     return (DataError, ModelError, TrainingError, ValueError, FileNotFoundError, PermissionError, OSError)
 

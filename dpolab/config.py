@@ -37,7 +37,8 @@ class CommonConfig:
     rejected_column: str = opt("rejected", "Column holding the dispreferred completion.")
     split: str = opt("train", "Split to read from a datasets folder / hub dataset.")
     max_length: int = opt(512, "Max tokens of prompt + completion; longer pairs are truncated.")
-    max_prompt_length: int = opt(256, "Prompt tokens kept (from the end) when a pair is too long.")
+    max_prompt_length: int = opt(0, "Prompt tokens kept (from the end) when a pair is too long (0 = half of max_length).")
+    limit: int = opt(0, "Use only the first N usable pairs of --data (a quick trial run; 0 = all).")
     batch_size: int = opt(4, "Pairs per micro-batch (per process).")
     grad_accum: int = opt(1, "Micro-batches per optimizer step.")
     eval_batch_size: int = opt(8, "Pairs per evaluation batch.")
@@ -65,9 +66,9 @@ class CommonConfig:
     log_every: int = opt(1, "Log metrics every N optimizer steps.")
     eval_every: int = opt(0, "Evaluate every N steps (0 = only at the end).")
     save_every: int = opt(0, "Checkpoint every N steps (0 = only at the end).")
-    keep_last: int = opt(0, "Keep only the last K step checkpoints (0 = keep all).")
-    final_checkpoint: bool = opt(True, "Also checkpoint the training state (optimizer, scheduler) at the end, to "
-                                       "continue later with more steps; off saves disk (3x the model size).")
+    keep_last: int = opt(2, "Keep only the last K step checkpoints (0 = keep all; 2 leaves one to fall back on).")
+    final_checkpoint: bool = opt(False, "Also checkpoint the training state (optimizer, scheduler) at the end, to "
+                                        "continue later with more steps (costs 3x the model size on disk).")
     max_bad_steps: int = opt(10, "Non-finite loss/grad steps skipped before the run stops.")
     resume: bool = opt(False, "Continue from the latest checkpoint in output_dir.")
     device: str = opt("auto", "auto | cpu | cuda.")
@@ -96,6 +97,11 @@ class SFTConfig(CommonConfig):
 
     lr: float = opt(2e-5, "Peak learning rate (AdamW).")
     output_dir: str = opt("runs/sft", "Run directory.")
+
+
+def prompt_limit(cfg) -> int:
+    """The prompt-token limit in force: --max-prompt-length, or half of --max-length when 0."""
+    return cfg.max_prompt_length or cfg.max_length // 2
 
 
 def _parse_bool(s: str) -> bool:
@@ -141,6 +147,9 @@ def resolve(cls, args: argparse.Namespace | None = None, **overrides):
     """defaults <- YAML (args.config) <- CLI flags <- keyword overrides (Python API)."""
     values: dict = {}
     config_path = getattr(args, "config", None) if args is not None else overrides.pop("config", None)
+    given = {k: v for k, v in vars(args or argparse.Namespace()).items() if v is not None and v != []} | overrides
+    if not config_path:
+        config_path = _run_config(cls, given)
     if config_path:
         values.update(load_yaml(config_path, cls))
     if args is not None:
@@ -154,14 +163,28 @@ def resolve(cls, args: argparse.Namespace | None = None, **overrides):
     return cfg
 
 
+def _run_config(cls, given: dict) -> str | None:
+    """`--resume` without `--config`: the run's own config.yaml is the base (flags still override),
+    so `dpolab train --output-dir runs/x --resume` continues runs/x as it was started."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    if "resume" not in names or not given.get("resume"):
+        return None
+    output_dir = given.get("output_dir") or next(f.default for f in dataclasses.fields(cls) if f.name == "output_dir")
+    path = Path(output_dir) / "config.yaml"
+    return str(path) if path.is_file() else None
+
+
 def validate(cfg) -> None:
     """Reject settings that cannot work, with one line each (only fields the config has)."""
     has = lambda *names: all(hasattr(cfg, n) for n in names)  # noqa: E731
     checks = [
         (not has("batch_size") or cfg.batch_size >= 1, "batch_size must be >= 1"),
         (not has("grad_accum") or cfg.grad_accum >= 1, "grad_accum must be >= 1"),
-        (not has("max_length", "max_prompt_length") or cfg.max_prompt_length < cfg.max_length,
-         "max_prompt_length must be < max_length"),
+        (not has("max_length") or cfg.max_length >= 2, "max_length must be >= 2"),
+        (not has("max_length", "max_prompt_length") or 0 <= cfg.max_prompt_length < cfg.max_length,
+         f"max_prompt_length must be < max_length ({getattr(cfg, 'max_length', '')}); leave it unset for half of it"),
+        (not has("limit") or cfg.limit >= 0, "limit must be >= 0"),
+        (not has("keep_last") or cfg.keep_last >= 0, "keep_last must be >= 0 (0 = keep all)"),
         (not has("scheduler") or cfg.scheduler in ("linear", "cosine", "constant"), "scheduler must be linear, cosine or constant"),
         (not has("bf16") or cfg.bf16 in ("auto", "true", "false"), "bf16 must be auto, true or false"),
         (not has("eval_fraction") or 0 <= cfg.eval_fraction < 1, "eval_fraction must be in [0, 1)"),
@@ -171,10 +194,14 @@ def validate(cfg) -> None:
             raise ValueError(message)
 
 
-def save(cfg, path: Path) -> None:
-    """Write the resolved config atomically (a crash never leaves half a file)."""
+def save(cfg, path: Path, notes: dict | None = None) -> None:
+    """Write the resolved config atomically (a crash never leaves half a file), readable by
+    others like any file the user writes (umask), with `notes` as end-of-line comments."""
     import os
 
+    text = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    for key, note in (notes or {}).items():
+        text = "".join(f"{line.rstrip()}  # {note}\n" if line.startswith(f"{key}:") else line for line in text.splitlines(True))
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    tmp.write_text(text if text.endswith("\n") else text + "\n")
     os.replace(tmp, path)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import opt, resolve
+from .prompts import load_prompts, read_prompts  # noqa: F401 (load_prompts re-exported)
 
 
 @dataclass
@@ -34,7 +35,7 @@ class EvalConfig:
     ref_model: str = opt("", "Reference; empty = the adapter's base (LoRA) or the `model` in the run's config.yaml.")
     beta: float = opt(0.1, "beta of the implicit reward; use the beta the policy was trained with.")
     data: str = opt("", "Held-out preference pairs for preference accuracy (any format `train` reads).")
-    prompts: str = opt("", "Prompt set for generation-based evaluation (a prompt column, or pairs whose prompts are used).")
+    prompts: str = opt("", "Prompt set for generation-based evaluation: a .txt file (one per line), a prompt column, or pairs whose prompts are used.")
     limit: int = opt(0, "Use only the first N pairs / prompts (0 = all).")
     reward: str = opt("", "Reward function for samples: sentiment | length | regex | module:function | a reward-model path.")
     baseline: str = opt("reference", "What the policy's samples are compared with: reference | none | a model path.")
@@ -64,7 +65,7 @@ def evaluate(cfg: EvalConfig | None = None, **overrides) -> dict:
 
     cfg = cfg or resolve(EvalConfig, **overrides)
     check(cfg)
-    prompts = load_prompts(cfg.prompts, cfg.prompt_column, cfg.limit) if cfg.prompts else None
+    prompts = read_prompts(cfg.prompts, cfg.prompt_column, cfg.limit) if cfg.prompts else None
     pair = load_model_pair(cfg.model, cfg.ref_model, device=cfg.device, bf16=cfg.bf16,
                            trust_remote_code=cfg.trust_remote_code)
     start = time.perf_counter()
@@ -142,32 +143,6 @@ def preference_eval(pair, cfg: EvalConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- generation
-def load_prompts(source: str, prompt_column: str = "prompt", limit: int = 0) -> list:
-    """Prompts (text or messages) from a prompt column, or the prompts of a preference-pair file."""
-    import itertools
-
-    from .data.files import DataError, read_rows
-    from .data.formats import normalise
-
-    rows = list(itertools.islice(read_rows(source), limit or None))
-    if not rows:
-        raise ValueError(f"{source}: empty prompt set")
-    if prompt_column in rows[0][1]:
-        prompts = []
-        for n, raw in rows:
-            p = raw.get(prompt_column)
-            if not isinstance(p, (str, list)) or not p or (isinstance(p, str) and not p.strip()):
-                raise DataError(f"{source}: row {n}: field '{prompt_column}': expected a non-empty prompt text or messages")
-            prompts.append(p)
-        return prompts
-    if "chosen" in rows[0][1] and "rejected" in rows[0][1]:
-        prompts = [e.prompt for e in normalise(rows, source, prompt_column)[0]]
-        if not prompts:
-            raise ValueError(f"{source}: empty prompt set (no usable pair to take a prompt from)")
-        return prompts
-    raise DataError(f"{source}: row {rows[0][0]}: no '{prompt_column}' column (and no preference pairs to take prompts from)")
-
-
 @contextlib.contextmanager
 def baseline_model(pair, spec: str, cfg: EvalConfig):
     """(model, tokenizer) of the baseline: the reference, or another model (any tokenizer)."""
@@ -193,7 +168,8 @@ class Samples:
 
 def draw_samples(model, tokenizer, prompts: list, cfg, autocast=None) -> Samples:
     """Sample with the config's fixed seed and settings (the same for every model compared)."""
-    from .generate import encode_prompt, sample_ids
+    from .generate import sample_ids
+    from .prompts import encode_prompt
 
     ids = sample_ids(model, tokenizer, prompts, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
                      temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.batch_size,
@@ -224,7 +200,7 @@ def sequence_kl(pair, prompt_ids: list[list[int]], completion_ids: list[list[int
 
 def judge_texts(prompts: list, num_samples: int) -> list[str]:
     """The prompt text the reward function sees for every flattened sample."""
-    from .generate import prompt_text
+    from .prompts import prompt_text
 
     return [prompt_text(p) for p in prompts for _ in range(num_samples)]
 

@@ -35,10 +35,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import opt, resolve
+from .prompts import BUILTIN_PROMPTS, encode_prompt, prompt_text, read_prompts, review_prefix  # noqa: F401 (re-exported)
 
 STRATEGIES = ("best-vs-worst", "random", "all")
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "</s>")
-BUILTIN_PROMPTS = Path(__file__).parent / "resources" / "sentiment_prompts.txt"
 
 
 @dataclass
@@ -123,23 +123,6 @@ def check_sampling(num_samples: int, max_new_tokens: int, temperature: float, to
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-
-
-def encode_prompt(prompt, tokenizer, chat: bool = False) -> list[int]:
-    """Prompt token ids as training tokenises them (chat template + generation prompt for messages)."""
-    if isinstance(prompt, str) and chat:
-        prompt = [{"role": "user", "content": prompt}]
-    if not isinstance(prompt, str):
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("chat prompts need a tokenizer with a chat template")
-        prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    bos = tokenizer.bos_token_id
-    if bos is not None and ids[:2] == [bos, bos]:  # the chat template wrote BOS too
-        ids = ids[1:]
-    if not ids:
-        raise ValueError("empty prompt: nothing to continue from")
-    return ids
 
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:
@@ -286,45 +269,6 @@ def as_messages(prompt) -> list[dict]:
 
 def as_reply(text: str, prompt, chat: bool):
     return [{"role": "assistant", "content": text}] if chat or not isinstance(prompt, str) else text
-
-
-# ----------------------------------------------------------------------------- prompts
-def read_prompts(source: str = "", column: str = "prompt", limit: int = 0, prefix_words: int = 8) -> list:
-    """Prompts from the built-in set (empty source), a .txt file (one per line), a `review`
-    column (its first `prefix_words` words, `<br />` removed) or a prompt column / pair file."""
-    from .data.files import DataError
-
-    path = Path(source) if source else BUILTIN_PROMPTS
-    if path.suffix == ".txt":
-        if not path.is_file():
-            raise DataError(f"{source}: file not found")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        prompts = _table_prompts(source, column, prefix_words)
-    prompts = prompts[:limit] if limit else prompts
-    if not prompts:
-        raise DataError(f"{source or path}: no prompts")
-    return prompts
-
-
-def _table_prompts(source: str, column: str, prefix_words: int) -> list:
-    from .data.files import read_rows
-    from .evaluate import load_prompts
-
-    first = next(iter(read_rows(source)), None)
-    if first is not None and column not in first[1] and "review" in first[1]:
-        return [review_prefix(str(row.get("review") or ""), prefix_words) for _, row in read_rows(source)]
-    return load_prompts(source, column)
-
-
-def review_prefix(review: str, words: int) -> str:
-    """The first `words` words of a review, HTML line breaks removed."""
-    return " ".join(review.replace("<br />", " ").replace("<br/>", " ").split()[:words])
-
-
-def prompt_text(prompt) -> str:
-    """What a reward function sees as the prompt: the text, or the last message's content."""
-    return prompt if isinstance(prompt, str) else str(prompt[-1].get("content", ""))
 
 
 # ----------------------------------------------------------------------------- the command

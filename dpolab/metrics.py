@@ -24,6 +24,7 @@ class MetricsLogger:
         self.console = Console(stderr=True)
         self.history: list[dict] = []
         self.progress = None
+        self.total, self.start_step, self.started = total_steps, start_step, time.monotonic()
         if not enabled:
             return
         path = output_dir / "metrics.jsonl"
@@ -33,7 +34,9 @@ class MetricsLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(output_dir / "tensorboard"))
-        if progress:
+        # A live bar only on a terminal: in a log file (nohup, a cluster job) it would print
+        # nothing until the end, so plain lines are written instead (`plain_line`).
+        if progress and self.console.is_terminal:
             self.progress = Progress(
                 TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
                 TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
@@ -55,8 +58,17 @@ class MetricsLogger:
             info = "  ".join(f"{k.split('/')[-1]} {values[k]:.3f}" for k in SHOWN if k in values)
             self.progress.update(self.task, completed=step, info=info)
         elif self.progress is None:
-            shown = " ".join(f"{k}={v:.4g}" for k, v in values.items() if k in SHOWN or prefix == "eval")
-            self.console.print(f"[{prefix}] step {step} {shown}")
+            print(self.plain_line(step, values, prefix), file=self.console.file, flush=True)
+
+    def plain_line(self, step: int, values: dict, prefix: str = "train") -> str:
+        """`[train] step 12/200 loss=0.6931 ... pairs/s=0.71 eta 4:25:00`: one line per logged step."""
+        shown = " ".join(f"{k}={v:.4g}" for k, v in values.items() if k in SHOWN or prefix == "eval")
+        line = f"[{prefix}] step {step}/{self.total} {shown}"
+        done = step - self.start_step
+        if prefix == "train" and done > 0:
+            left = (time.monotonic() - self.started) / done * (self.total - step)
+            line += f" eta {_clock(left)}"
+        return line
 
     def close(self) -> None:
         if not self.enabled:
@@ -100,6 +112,12 @@ def print_table(title: str, columns, rows, footer: str = "", left: str | None = 
     console.print(table)
     if footer:
         console.print(footer)
+
+
+def _clock(seconds: float) -> str:
+    minutes, s = divmod(int(round(seconds)), 60)
+    h, minutes = divmod(minutes, 60)
+    return f"{h}:{minutes:02d}:{s:02d}"
 
 
 def _drop_after(path: Path, step: int) -> None:

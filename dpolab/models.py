@@ -13,10 +13,13 @@ import importlib.util
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+from .perms import public
 
 DEFAULT_MODEL = "default"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -60,6 +63,7 @@ def default_model_path() -> Path:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=".convert-"))
+    public(tmp, folder=True)  # mkdtemp made it 0700
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
@@ -68,16 +72,54 @@ def default_model_path() -> Path:
 
 
 def resolve_model_path(name: str) -> str:
+    """A local model folder, the converted default model, or a hub id (returned unchanged).
+
+    A dpolab run directory (what a user passed as --output-dir) stands for the model it
+    trained: its `final/`, else its newest `checkpoint-N`; one line says which was taken.
+    """
     if name in ("", DEFAULT_MODEL):
         return str(default_model_path())
     path = Path(name)
     if path.exists():
-        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
-            raise ModelError(f"{name}: not a model directory (no config.json or adapter_config.json)")
-        return str(path)
-    if name.startswith((".", "/")) or os.sep in name and name.count("/") > 1:
+        if _is_model_dir(path):
+            return str(path)
+        inside = run_model_dir(path)
+        if inside is None:
+            raise ModelError(f"{name}: not a model directory (no config.json or adapter_config.json) "
+                             "and not a dpolab run directory (no final/ or checkpoint-N/)")
+        if str(inside) not in _ANNOUNCED:
+            _ANNOUNCED.add(str(inside))
+            print(f"dpolab: {name} is a run directory: using {inside}", file=sys.stderr, flush=True)
+        return str(inside)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelError(f"{name}: model directory not found")
-    return name  # a hub id; transformers gives its own error without network
+    return name  # a hub id (or a missing local folder; `hub_error` says which)
+
+
+_ANNOUNCED: set[str] = set()  # run directories already reported (one line each per process)
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").exists() or (path / "adapter_config.json").exists()
+
+
+def run_model_dir(run_dir: Path) -> Path | None:
+    """The model a run directory holds: `final/`, else the newest `checkpoint-N` (None: neither)."""
+    import re
+
+    if _is_model_dir(run_dir / "final"):
+        return run_dir / "final"
+    steps = [(int(m.group(1)), p) for p in run_dir.glob("checkpoint-*")
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and _is_model_dir(p)]
+    return max(steps)[1] if steps else None
+
+
+def hub_error(name: str, error: Exception) -> ModelError:
+    """One line for a model that is neither a local folder nor loadable from the hub."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if not Path(name).exists() and "/" in name:
+        return ModelError(f"{name}: no such local folder, and the hub id could not be loaded ({reason[:160]})")
+    return ModelError(f"{name}: cannot load the model ({reason[:200]})")
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -87,7 +129,10 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     if Path(path, "adapter_config.json").exists():
         if not Path(path, "tokenizer_config.json").exists():
             path = _adapter_base(path)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:  # no such hub repo, no network, or a folder without tokenizer files
+        raise hub_error(name, e) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -115,9 +160,12 @@ def load_model(name: str, *, trust_remote_code: bool = False, dtype=torch.float3
         return PeftModel.from_pretrained(base, path, is_trainable=True)
     if Path(path).is_dir() and not any(Path(path).glob("*.safetensors")):
         raise ModelError(f"{path}: no .safetensors weights; pickled checkpoints are refused for safety")
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-    )
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except OSError as e:
+        raise hub_error(name, e) from None
 
 
 def add_lora(model, r: int, alpha: int, dropout: float, targets: str):

@@ -128,12 +128,13 @@ def prompt_scores(models: list[str], cfg: RankConfig):
     """(K, prompts x num_samples) judge rewards of each model's samples, same seed for all."""
     import numpy as np
 
-    from .evaluate import draw_samples, judge_texts, load_prompts
+    from .evaluate import draw_samples, judge_texts
+    from .prompts import read_prompts
     from .models import load_tokenizer, pick_device
     from .rewards import load_reward
     from .score import load_frozen
 
-    prompts = load_prompts(cfg.prompts, cfg.prompt_column, cfg.limit)
+    prompts = read_prompts(cfg.prompts, cfg.prompt_column, cfg.limit)
     judge = load_reward(cfg.reward)
     texts = judge_texts(prompts, cfg.num_samples)
     device = pick_device(cfg.device)

@@ -27,16 +27,11 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .errors import TrainingError
 
 # Tokenizer files scale with the vocabulary (SmolLM2: 49k tokens, about 3.5 MB on disk).
 TOKENIZER_BYTES_PER_TOKEN = 160
 FILE_OVERHEAD = 1 << 20  # configs, chat template, generation config, training counters
-
-
-def _training_error(message: str) -> Exception:
-    from .train import TrainingError  # train imports this module: resolve at call time
-
-    return TrainingError(message)
 
 
 def human_bytes(n: float) -> str:
@@ -58,7 +53,7 @@ def check_writable(output_dir: Path) -> None:
             pass
     except OSError as e:
         reason = e.strerror or type(e).__name__
-        raise _training_error(f"output dir {output_dir} is not writable ({reason}); choose another --output-dir") from None
+        raise TrainingError(f"output dir {output_dir} is not writable ({reason}); choose another --output-dir") from None
 
 
 def estimate_bytes(model, tokenizer, merge_lora: bool = False) -> tuple[int, int]:
@@ -88,7 +83,7 @@ def prepare_output(run, model, total_steps: int) -> None:
     periodic = (total_steps - 1) // cfg.save_every if cfg.save_every else 0  # the end is not a periodic save
     saves = periodic + int(cfg.final_checkpoint)
     if free < (ckpt if saves else 0) + final:
-        raise _training_error(
+        raise TrainingError(
             f"not enough disk space in {run.output_dir}: {human_bytes(free)} free, but "
             + (f"a checkpoint needs about {human_bytes(ckpt)} and " if saves else "")
             + f"the final model {human_bytes(final)}; free some space or choose another --output-dir"
@@ -136,7 +131,8 @@ class GracefulStop:
             self.restore()
             raise KeyboardInterrupt(f"second {name}: stopping now")
         self.signal_name = name
-        print(f"dpolab: {name} received: finishing this step and saving a checkpoint (send it again to stop at once)",
+        print(f"dpolab: {name} received: finishing this step (or ending the evaluation) and saving a checkpoint "
+              "(send it again to stop at once)",
               file=sys.stderr, flush=True)
 
     def requested(self, accelerator) -> bool:

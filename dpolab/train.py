@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from .config import SFTConfig, TrainConfig, resolve, save as save_config
+from .config import SFTConfig, TrainConfig, prompt_limit, resolve, save as save_config
 from .data import load_pairs, split_eval
 from .data.collate import Layout, batch_tokens, collate, collate_pairs, to_device
 from .losses import REFERENCE_FREE, LossParams, PairLogps, compute_loss
@@ -33,10 +33,7 @@ from .metrics import MetricsLogger
 from .models import add_lora, bf16_supported, cache_dir, load_model, load_tokenizer, resolve_model_path
 from . import distributed, reference as ref
 from . import safety
-
-
-class TrainingError(RuntimeError):
-    """A run cannot continue (one clear line for the user)."""
+from .errors import TrainingError
 
 
 @dataclass
@@ -183,14 +180,22 @@ def _claim_output_dir(cfg, output_dir: Path) -> str | None:
         safety.check_writable(output_dir)
     except TrainingError as e:
         return str(e)
-    save_config(cfg, output_dir / "config.yaml")
-    return None
+    return None  # config.yaml is written once the run really starts (`record_config`)
+
+
+def record_config(run: Run) -> None:
+    """(Rank 0) config.yaml with bf16 as it resolved here, so `--config` repeats the same run."""
+    import dataclasses
+
+    if run.accelerator.is_main_process:
+        resolved = dataclasses.replace(run.cfg, bf16=str(run.bf16).lower())
+        save_config(resolved, run.output_dir / "config.yaml", notes={"bf16": f"requested {run.cfg.bf16}"})
 
 
 def load_data(cfg, run: Run):
     """Tokenised pairs (train then eval in one list) and the index ranges of each split."""
     kw = dict(
-        max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, prompt_column=cfg.prompt_column,
+        max_length=cfg.max_length, max_prompt_length=prompt_limit(cfg), prompt_column=cfg.prompt_column,
         chosen_column=cfg.chosen_column, rejected_column=cfg.rejected_column, split=cfg.split,
         cache_dir=str(cache_dir() / "data"),
     )
@@ -205,13 +210,24 @@ def load_data(cfg, run: Run):
             eval_report.write(run.output_dir / "eval_data_report.json")
     else:
         train_pairs, eval_pairs = split_eval(train_pairs, cfg.eval_fraction, cfg.seed)
+    if cfg.limit:
+        train_pairs = train_pairs[: cfg.limit]
     if run.accelerator.is_main_process:
         report.write(run.output_dir / "data_report.json")
+        run.accelerator.print(data_summary(cfg.data, report, len(train_pairs), len(eval_pairs), cfg.limit))
     if not train_pairs:
         raise TrainingError(f"{cfg.data}: no usable training pairs (see {run.output_dir / 'data_report.json'})")
     pairs = train_pairs + eval_pairs
     run.pair_rows = [p.row for p in pairs]
     return pairs, list(range(len(train_pairs))), list(range(len(train_pairs), len(pairs)))
+
+
+def data_summary(source: str, report, n_train: int, n_eval: int, limit: int = 0) -> str:
+    """One line at start: what the data report found, and the split actually used."""
+    dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items())) or "none"
+    used = f"first {limit} used: " if limit else ""
+    return (f"data {source}: {report.rows_read} rows, {report.kept} kept, dropped: {dropped}, {report.truncated} truncated; "
+            f"{used}{n_train} train / {n_eval} eval pairs")
 
 
 def build_policy(cfg, run: Run):
@@ -294,6 +310,7 @@ def fit(run: Run, model, train_idx: list[int], eval_idx: list[int], objective, m
     counters = {"step": 0, "bad_steps": 0, "global_batch": per_step}
     if cfg.resume and (last := distributed.main_decides(acc, lambda: checkpoint.latest(run.output_dir))):
         counters = resume(last, model, optimizer, scheduler, acc, counters)
+    record_config(run)
     logger = MetricsLogger(run.output_dir, total, counters["step"], acc.is_main_process, cfg.progress)
     stop = safety.GracefulStop().install()  # SIGINT/SIGTERM: save at the next step boundary
     try:
@@ -303,21 +320,25 @@ def fit(run: Run, model, train_idx: list[int], eval_idx: list[int], objective, m
             start = time.perf_counter()
             stats = train_step(run, model, optimizer, scheduler, indices, objective, make_batch, counters)
             counters["step"] = step + 1
-            stats = finish_stats(stats, time.perf_counter() - start, scheduler, acc)
+            stats = finish_stats(stats, time.perf_counter() - start, acc)
             if counters["step"] % cfg.log_every == 0 or counters["step"] == total:
                 logger.log(counters["step"], stats)
             if eval_idx and cfg.eval_every and counters["step"] % cfg.eval_every == 0 and counters["step"] < total:
-                logger.log(counters["step"], evaluate(run, model, eval_idx, objective, make_batch), "eval")
+                if (result := evaluate(run, model, eval_idx, objective, make_batch, stop)) is not None:
+                    logger.log(counters["step"], result, "eval")
             if cfg.save_every and counters["step"] % cfg.save_every == 0 and counters["step"] < total:
                 save_checkpoint(run, model, optimizer, scheduler, counters)
             if stop.requested(acc):
                 save_checkpoint(run, model, optimizer, scheduler, counters)
                 raise stop.interrupted(counters["step"], run.output_dir, acc)
-        if eval_idx:
-            logger.log(counters["step"], evaluate(run, model, eval_idx, objective, make_batch), "eval")
-        if cfg.final_checkpoint:
+        if eval_idx and (result := evaluate(run, model, eval_idx, objective, make_batch, stop)) is not None:
+            logger.log(counters["step"], result, "eval")
+        stopped = stop.requested(acc)  # a signal in the final evaluation: save everything, then stop
+        if cfg.final_checkpoint or stopped:
             save_checkpoint(run, model, optimizer, scheduler, counters)
         save_final(run, model)
+        if stopped:
+            raise stop.interrupted(counters["step"], run.output_dir, acc)
     finally:
         stop.restore()
         logger.close()
@@ -381,11 +402,13 @@ def train_step(run: Run, model, optimizer, scheduler, indices, objective, make_b
                     optimizer.step()
                 else:
                     _bad_step(run, counters, indices)
+                lr = scheduler.get_last_lr()[0]  # the rate this step used (read before the schedule moves on)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
     out = {k: torch.cat(v) for k, v in collected.items()}
     out["grad_norm"] = grad_norm.detach().float().reshape(1)
     out["_tokens"] = torch.tensor([float(tokens)])
+    out["_lr"] = torch.tensor([lr])
     return out
 
 
@@ -401,13 +424,13 @@ def _bad_step(run: Run, counters: dict, indices) -> None:
     run.accelerator.print(f"warning: non-finite loss or gradient at step {counters['step'] + 1}; step skipped ({rows})")
 
 
-def finish_stats(stats: dict, seconds: float, scheduler, acc) -> dict:
-    """Per-example tensors -> means over all processes, plus throughput and lr."""
-    out = reduce_means(stats, acc, skip=("grad_norm", "_tokens"))
+def finish_stats(stats: dict, seconds: float, acc) -> dict:
+    """Per-example tensors -> means over all processes, plus throughput and the lr the step used."""
+    out = reduce_means(stats, acc, skip=("grad_norm", "_tokens", "_lr"))
     out["grad_norm"] = float(acc.reduce(stats["grad_norm"].to(acc.device), "mean"))
     pairs = float(acc.reduce(torch.tensor([float(len(stats["loss"]))], device=acc.device), "sum"))
     tokens = float(acc.reduce(stats["_tokens"].to(acc.device), "sum"))
-    out.update({"lr": scheduler.get_last_lr()[0], "pairs/s": pairs / seconds, "tokens/s": tokens / seconds})
+    out.update({"lr": float(stats["_lr"][0]), "pairs/s": pairs / seconds, "tokens/s": tokens / seconds})
     return out
 
 
@@ -424,8 +447,11 @@ def reduce_means(stats: dict, acc, skip=()) -> dict:
 
 
 @torch.no_grad()
-def evaluate(run: Run, model, eval_idx: list[int], objective, make_batch) -> dict:
+def evaluate(run: Run, model, eval_idx: list[int], objective, make_batch, stop=None) -> dict | None:
     """Loss and implicit-reward metrics on held-out pairs; each process takes every n-th batch.
+
+    With `stop` (a `safety.GracefulStop`), a SIGINT/SIGTERM ends the evaluation after the batch
+    in progress and returns None, so the caller saves the weights within seconds.
 
     Every process runs the same number of forwards (FSDP / ZeRO-3 gather weights inside
     forward); a padding round's results are dropped but its (empty) keys kept, so every
@@ -436,6 +462,9 @@ def evaluate(run: Run, model, eval_idx: list[int], objective, make_batch) -> dic
     collected: dict[str, list] = {}
     batches = [eval_idx[i : i + size] for i in range(0, len(eval_idx), size)]
     for chunk, keep in distributed.rounds(batches, acc.process_index, acc.num_processes):
+        if stop is not None and stop.requested(acc):  # every process checks once per round: no hang
+            model.train()
+            return None
         with run.autocast():
             _, stats = objective(model, make_batch(chunk))
         for k, v in stats.items():

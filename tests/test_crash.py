@@ -46,7 +46,7 @@ def _args(model: Path, data: Path, out: Path) -> list[str]:
         "train", "--model", str(model), "--data", str(data), "--output-dir", str(out), "--bf16", "false",
         "--device", "cpu", "--save-every", "1", "--keep-last", str(KEEP), "--max-steps", str(STEPS),
         "--batch-size", "2", "--grad-accum", "2", "--eval-fraction", "0.1", "--eval-every", "4",
-        "--lr", "1e-3", "--seed", "3", "--no-progress",
+        "--lr", "1e-3", "--seed", "3", "--no-progress", "--final-checkpoint",
     ]
 
 

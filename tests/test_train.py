@@ -108,7 +108,7 @@ def test_lora_precomputed_reference_matches_live(tiny_model_dir, toy_data, tmp_p
 
 def test_resume_is_exact(tiny_model_dir, toy_data, tmp_path):
     full = tmp_path / "full"
-    run(tiny_model_dir, toy_data, full, max_steps=8, save_every=3)
+    run(tiny_model_dir, toy_data, full, max_steps=8, save_every=3, keep_last=0, final_checkpoint=True)
     assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6", "checkpoint-8"]
     # Pretend the run died right after checkpoint-3: keep only what existed then.
     part = tmp_path / "part"

@@ -45,6 +45,7 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
+from ..perms import public
 from .files import DataError, _type_name
 
 __all__ = ["Message", "PreferenceExample", "DataReport", "normalise", "ASSISTANT_MARKER", "ROLES"]
@@ -100,6 +101,7 @@ class DataReport:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
                 f.write("\n")
+            public(tmp)  # mkstemp made it 0600
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

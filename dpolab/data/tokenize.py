@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..perms import public
 from .files import DataError, read_rows, source_fingerprint
 from .formats import DataReport, PreferenceExample, normalise
 
@@ -220,6 +221,7 @@ def save_cache(path: Path, pairs: list[TokenizedPair], report: DataReport) -> No
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
+        public(tmp)  # mkstemp made it 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
