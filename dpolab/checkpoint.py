@@ -86,6 +86,7 @@ def atomic_dir(final: Path):
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        _make_public(tmp)
         _fsync_dir(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -104,6 +105,15 @@ def save_model(model, tokenizer, path: Path, state_dict=None) -> None:
 def _write_model(model, tokenizer, path: Path, state_dict=None) -> None:
     model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(path)
+
+
+def _make_public(folder: Path) -> None:
+    """Files as readable as the user's umask allows: transformers writes weights 0600 (mkstemp)."""
+    from .perms import public
+
+    public(folder, folder=True)
+    for p in folder.rglob("*"):
+        public(p, folder=p.is_dir())
 
 
 def _fsync_dir(path: Path) -> None:

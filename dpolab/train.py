@@ -314,6 +314,8 @@ def fit(run: Run, model, train_idx: list[int], eval_idx: list[int], objective, m
     logger = MetricsLogger(run.output_dir, total, counters["step"], acc.is_main_process, cfg.progress)
     stop = safety.GracefulStop().install()  # SIGINT/SIGTERM: save at the next step boundary
     try:
+        if counters.pop("eval_due", None) == counters["step"] and counters["step"] < total:
+            logger.log(counters["step"], evaluate(run, model, eval_idx, objective, make_batch), "eval")
         while counters["step"] < total:
             step = counters["step"]
             indices = step_indices(train_idx, step, steps_per_epoch, per_step, cfg.seed)
@@ -326,6 +328,8 @@ def fit(run: Run, model, train_idx: list[int], eval_idx: list[int], objective, m
             if eval_idx and cfg.eval_every and counters["step"] % cfg.eval_every == 0 and counters["step"] < total:
                 if (result := evaluate(run, model, eval_idx, objective, make_batch, stop)) is not None:
                     logger.log(counters["step"], result, "eval")
+                else:  # stopped by a signal: the resumed run evaluates this step first
+                    counters["eval_due"] = counters["step"]
             if cfg.save_every and counters["step"] % cfg.save_every == 0 and counters["step"] < total:
                 save_checkpoint(run, model, optimizer, scheduler, counters)
             if stop.requested(acc):
