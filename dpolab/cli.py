@@ -64,9 +64,24 @@ def user_errors() -> tuple[type, ...]:
     return (DataError, ModelError, TrainingError, ValueError, FileNotFoundError, PermissionError, OSError)
 
 
+def quiet_libraries() -> None:
+    """Our errors are one line: the hub client's own network warnings would add a second. In a
+    log file (not a terminal) the libraries' progress bars are noise between our step lines."""
+    import logging
+
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # read when huggingface_hub is imported
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cls, target, _ = available()[args.command]
+    quiet_libraries()
     try:
         cfg = resolve(cls, args)
         _resolve_name(target)(cfg)

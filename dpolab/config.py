@@ -73,14 +73,17 @@ class CommonConfig:
     resume: bool = opt(False, "Continue from the latest checkpoint in output_dir.")
     device: str = opt("auto", "auto | cpu | cuda.")
     trust_remote_code: bool = opt(False, "Allow model repos to run their own Python code (off: safer).")
-    progress: bool = opt(True, "Show the live progress bar.")
+    progress: bool = opt(True, "Show the live progress bar (on a terminal; elsewhere one plain line per logged step).")
+
+    def __post_init__(self):  # `train(TrainConfig(...))` is checked like the command line
+        validate(self)
 
 
 @dataclass
 class TrainConfig(CommonConfig):
     """`dpolab train`: the DPO family on preference pairs."""
 
-    loss: str = opt("sigmoid", "Loss: sigmoid (DPO) | cdpo | robust | ipo | hinge | simpo | orpo | rdpo | nca_pair | bco_pair | apo_zero.")
+    loss: str = opt("sigmoid", "Loss of the DPO family (sigmoid = DPO).", names_from="dpolab.losses:LOSSES")
     beta: float = opt(0.1, "KL strength beta (ORPO: lambda).")
     label_smoothing: float = opt(0.0, "eps for cdpo / robust: assumed label-flip rate.")
     gamma: float = opt(0.5, "SimPO target reward margin.")
@@ -118,7 +121,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
         name = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")  # argparse formats help
+        help_text = f.metadata.get("help", "")
+        if f.metadata.get("names_from"):  # e.g. the losses: listed from the dict that defines them
+            help_text += " One of: " + ", ".join(named(f.metadata["names_from"])) + "."
+        help_text = f"{help_text} (default: {default!r})".replace("%", "%%")  # argparse formats help
         kind = hints[f.name]
         if f.metadata.get("positional"):  # e.g. `dpolab report RUN_DIR...`: joined with commas
             parser.add_argument(f.name, nargs="*", default=None, help=help_text, metavar=f.name.upper())
@@ -127,6 +133,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         else:
             parser.add_argument(name, type=kind, default=None, help=help_text, metavar=f.name.upper())
     parser.add_argument("--config", default=None, help="YAML file with any of the options above; flags override it.")
+
+
+def named(spec: str) -> list[str]:
+    """The keys of a dict given as "module:NAME" (imported only when asked: --help, validation)."""
+    import importlib
+
+    module, name = spec.split(":")
+    return list(getattr(importlib.import_module(module), name))
 
 
 def load_yaml(path: str, cls) -> dict:
@@ -192,6 +206,9 @@ def validate(cfg) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    for f in dataclasses.fields(cfg):  # fields naming an entry of a dict (the loss): known names only
+        if f.metadata.get("names_from") and getattr(cfg, f.name) not in (names := named(f.metadata["names_from"])):
+            raise ValueError(f"unknown {f.name} {getattr(cfg, f.name)!r}; choose one of: {', '.join(names)}")
 
 
 def save(cfg, path: Path, notes: dict | None = None) -> None:

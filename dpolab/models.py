@@ -91,7 +91,8 @@ def resolve_model_path(name: str) -> str:
             _ANNOUNCED.add(str(inside))
             print(f"dpolab: {name} is a run directory: using {inside}", file=sys.stderr, flush=True)
         return str(inside)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or (path.parent != Path(".") and path.parent.is_dir()):
+        # `runs/x` next to an existing `runs/`: a local folder that is missing, not a hub id
         raise ModelError(f"{name}: model directory not found")
     return name  # a hub id (or a missing local folder; `hub_error` says which)
 

@@ -130,7 +130,9 @@ def png_img(png: bytes, alt: str) -> str:
 def table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    # in a scrolling box: a wide table on a phone scrolls sideways instead of being cut off
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
 
 
 def _last(records: list[dict], split: str, key: str) -> str:
@@ -150,36 +152,64 @@ def runs_table(runs: list[dict]) -> str:
 
 
 def curves_png(runs: list[dict]) -> bytes:
-    """Grid of training-curve panels; each run one colour, train as lines, eval as dots."""
+    """Grid of training-curve panels in one PNG; each run one colour, train as lines, eval as dots."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(t, keys) for t, keys in CURVES if any(k in rec for r in runs for rec in r["metrics"] for k, _ in keys)]
+    panels = _panels(runs)
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (title, keys) in zip(axes.flat, panels):
-        for i, r in enumerate(runs):
-            colour = colours[i % len(colours)]
-            for key, style in keys:
-                for split, marker in (("train", None), ("eval", "o")):
-                    pts = [(rec["step"], rec[key]) for rec in r["metrics"] if rec.get("split") == split and key in rec]
-                    if pts:
-                        xs, ys = zip(*pts)
-                        label = f"{r['name']} {split}" if key == keys[0][0] else None
-                        ax.plot(xs, ys, linestyle=style if marker is None else "none", marker=marker, color=colour,
-                                label=label, linewidth=1.4, markersize=5)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step", fontsize=9)
-        ax.grid(alpha=0.3)
+        _draw_panel(ax, runs, title, keys)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
     return savefig(fig)
+
+
+def curve_pngs(runs: list[dict]) -> list[tuple[str, bytes]]:
+    """One PNG per panel (the page lays them out: three across on a desktop, one on a phone)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    for n, (title, keys) in enumerate(_panels(runs)):
+        fig, ax = plt.subplots(figsize=(4.6, 3.2))
+        _draw_panel(ax, runs, title, keys)
+        if n == 0 or len(runs) > 1:  # every panel names the runs when there are several
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        out.append((title, savefig(fig)))
+    return out
+
+
+def _panels(runs: list[dict]) -> list:
+    return [(t, keys) for t, keys in CURVES if any(k in rec for r in runs for rec in r["metrics"] for k, _ in keys)]
+
+
+def _draw_panel(ax, runs: list[dict], title: str, keys) -> None:
+    import matplotlib.pyplot as plt
+
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, r in enumerate(runs):
+        colour = colours[i % len(colours)]
+        for key, style in keys:
+            for split, marker in (("train", None), ("eval", "o")):
+                pts = [(rec["step"], rec[key]) for rec in r["metrics"] if rec.get("split") == split and key in rec]
+                if pts:
+                    xs, ys = zip(*pts)
+                    label = f"{r['name']} {split}" if key == keys[0][0] else None
+                    ax.plot(xs, ys, linestyle=style if marker is None else "none", marker=marker, color=colour,
+                            label=label, linewidth=1.4, markersize=5)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step", fontsize=9)
+    ax.grid(alpha=0.3)
 
 
 def savefig(fig) -> bytes:
@@ -193,7 +223,8 @@ def savefig(fig) -> bytes:
 
 def curves_section(runs: list[dict]) -> str:
     note = "<p>Lines: training steps; dots: evaluation on held-out pairs. Runs share colours across panels.</p>"
-    return note + png_img(curves_png([r for r in runs if r["metrics"]]), "training curves")
+    pngs = curve_pngs([r for r in runs if r["metrics"]])
+    return note + '<div class="panels">' + "".join(png_img(png, title) for title, png in pngs) + "</div>"
 
 
 def eval_section(result: dict) -> str:
@@ -221,7 +252,7 @@ def attribution_section(records: list[dict], examples: int) -> str:
 
     beta = records[0].get("beta", "?")
     intro = (f"<p>Tokens shaded by beta*(log pi(y_t) - log pi_ref(y_t)) with beta = {beta}: green = raised by training, "
-             f"red = lowered. First {min(examples, len(records))} of {len(records)} responses; hover for values.</p>")
+             f"red = lowered. First {min(examples, len(records))} of {len(records)} responses; hover (or tap) a token for its value.</p>")
     return intro + attribution_html(records, examples)
 
 
@@ -234,6 +265,10 @@ table { border-collapse: collapse; margin: 10px 0 16px; font-size: 13px; }
 th, td { border: 1px solid #ddd; padding: 4px 10px; text-align: left; vertical-align: top; max-width: 480px; }
 th { background: #f4f6f8; } tr:nth-child(even) td { background: #fafafa; }
 img { max-width: 100%; display: block; margin: 8px 0; }
+.scroll { overflow-x: auto; max-width: 100%; }
+td { overflow-wrap: break-word; }  /* long paths wrap; short words never split */
+.panels { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr)); gap: 4px 12px; }
+@media (max-width: 600px) { body { padding: 12px; } th, td { padding: 3px 6px; } }
 nav a { margin-right: 14px; font-size: 14px; }
 """
 
@@ -246,6 +281,6 @@ def page(title: str, sections: list[tuple[str, str]], run_paths: list[str]) -> s
     body = "".join(f'<section id="{a}"><h2>{html.escape(t)}</h2>{content}</section>'
                    for a, (t, content) in zip(anchors, sections))
     meta = f"generated {time.strftime('%Y-%m-%d %H:%M')} from {html.escape(', '.join(run_paths) or 'no run directory')}"
-    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' content='width=device-width, initial-scale=1'><title>{html.escape(title)}</title>"
             f"<style>{CSS}{ATTRIBUTION_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<div class='meta'>{meta}</div><nav>{nav}</nav>{body}</body></html>")

@@ -362,6 +362,9 @@ ATTRIBUTION_CSS = """
 .attr { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 14px; line-height: 1.9;
         white-space: pre-wrap; border: 1px solid #ddd; border-radius: 6px; padding: 8px 10px; margin: 6px 0 14px; }
 .attr span { border-radius: 3px; padding: 1px 0; color: #111; }
+.attr span:focus { outline: 2px solid #333; }
+.attr span:focus::after { content: " " attr(title) " "; background: #333; color: #fff; border-radius: 3px; font-size: 12px; }
+.attr-prompt { color: #666; }
 .attr-head { font-family: sans-serif; font-size: 13px; color: #333; margin-top: 10px; }
 .legend span { display: inline-block; padding: 2px 8px; margin-right: 4px; border-radius: 3px; font-family: sans-serif; font-size: 12px; }
 """
@@ -377,17 +380,23 @@ def attribution_html(records: list[dict], limit: int | None = None) -> str:
     for r in shown:
         head = (f"row {r['row']}, candidate {r['candidate']} (rank {r.get('rank', '-')}): reward {r['reward']:+.4f}, "
                 f"per token {r['reward_per_token']:+.4f}")
+        prompt = r.get("prompt", "")
+        prompt = str(prompt[-1].get("content", "")) if isinstance(prompt, list) and prompt else str(prompt)
+        prompt = ("..." + prompt[-120:]) if len(prompt) > 120 else prompt
+        # tabindex: a tap (phones have no hover) focuses a token and shows its value
         spans = "".join(
-            f'<span style="background:rgb{shade(v, scale)}" title="{v:+.5f}">{html.escape(tok)}</span>'
+            f'<span tabindex="0" style="background:rgb{shade(v, scale)}" title="{v:+.5f}">{html.escape(tok)}</span>'
             for tok, v in zip(r["token_texts"], r["token_rewards"]))
-        parts.append(f'<div class="attr-head">{html.escape(head)}</div><div class="attr">{spans}</div>')
+        parts.append(f'<div class="attr-head">{html.escape(head)}<br><span class="attr-prompt">prompt: '
+                     f'{html.escape(prompt)}</span></div><div class="attr">{spans}</div>')
     return "\n".join(parts)
 
 
 def attribution_page(records: list[dict], title: str) -> str:
     """A self-contained HTML page of the per-token rewards (no external resources)."""
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>body{{font-family:sans-serif;margin:24px;max-width:1000px}}{ATTRIBUTION_CSS}</style></head>"
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>{html.escape(title)}</title>"
+            f"<style>body{{font-family:sans-serif;margin:24px auto;padding:0 12px;max-width:1000px}}{ATTRIBUTION_CSS}</style></head>"
             f"<body><h1>{html.escape(title)}</h1><p>Each token is shaded by beta*(log pi(y_t) - log pi_ref(y_t)): "
-            f"green = the policy raised its probability, red = lowered. Hover a token for its value.</p>"
+            f"green = the policy raised its probability, red = lowered. Hover (or tap) a token for its value.</p>"
             f"{attribution_html(records)}</body></html>")

@@ -134,7 +134,8 @@ def test_per_token_outputs(tiny_model_dir, other_model_dir, rows_file, tmp_path,
     assert lines[0]["beta"] == BETA
     page = (out / "tokens.html").read_text()
     total_tokens = sum(r["tokens"] for r in records)
-    assert page.count('<span style="background:rgb') == total_tokens + 5  # + the 5 legend swatches
+    assert page.count('<span tabindex="0" style="background:rgb') == total_tokens  # focusable: a tap shows the value
+    assert page.count('<span style="background:rgb') == 5  # the legend swatches
     assert "&lt;|im_end|&gt;" in page and "<|im_end|>" not in page  # special tokens shown, escaped
     assert "http://" not in page and "https://" not in page  # self-contained
     shown = capsys.readouterr().out
