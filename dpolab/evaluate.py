@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +34,14 @@ class EvalConfig:
 
     model: str = opt("default", "Policy: a checkpoint dir, a LoRA adapter dir, 'default' or a hub id.")
     ref_model: str = opt("", "Reference; empty = the adapter's base (LoRA) or the `model` in the run's config.yaml.")
-    beta: float = opt(0.1, "beta of the implicit reward; use the beta the policy was trained with.")
+    beta: float = opt(0.0, "beta of the implicit reward; 0 = the beta the run was trained with (its config.yaml), else 0.1.")
     data: str = opt("", "Held-out preference pairs for preference accuracy (any format `train` reads).")
     prompts: str = opt("", "Prompt set for generation-based evaluation: a .txt file (one per line), a prompt column, or pairs whose prompts are used.")
     limit: int = opt(0, "Use only the first N pairs / prompts (0 = all).")
     reward: str = opt("", "Reward function for samples: sentiment | length | regex | module:function | a reward-model path.")
+    reward_pattern: str = opt("", "regex reward: the pattern (--reward regex --reward-pattern 'thank(s| you)').")
+    reward_absent: bool = opt(False, "regex reward: reward the pattern's absence instead.")
+    reward_target_length: int = opt(20, "length reward: target number of words.")
     baseline: str = opt("reference", "What the policy's samples are compared with: reference | none | a model path.")
     num_samples: int = opt(1, "Samples per prompt (policy and baseline alike).")
     max_new_tokens: int = opt(48, "Tokens sampled per completion.")
@@ -65,6 +69,9 @@ def evaluate(cfg: EvalConfig | None = None, **overrides) -> dict:
 
     cfg = cfg or resolve(EvalConfig, **overrides)
     check(cfg)
+    from .models import trained_beta
+
+    cfg = dataclasses.replace(cfg, beta=trained_beta(cfg.model, cfg.beta))  # the run's beta unless given
     prompts = read_prompts(cfg.prompts, cfg.prompt_column, cfg.limit) if cfg.prompts else None
     pair = load_model_pair(cfg.model, cfg.ref_model, device=cfg.device, bf16=cfg.bf16,
                            trust_remote_code=cfg.trust_remote_code)
@@ -206,10 +213,10 @@ def judge_texts(prompts: list, num_samples: int) -> list[str]:
 
 
 def generation_eval(pair, prompts: list, cfg: EvalConfig) -> dict:
-    from .rewards import load_reward
+    from .rewards import reward_from_config
     from .stats import mean_se
 
-    reward_fn = load_reward(cfg.reward)
+    reward_fn = reward_from_config(cfg)
     texts = judge_texts(prompts, cfg.num_samples)
     autocast = pair.autocast if pair.bf16 else None
     policy = draw_samples(pair.policy, pair.tokenizer, prompts, cfg, autocast)

@@ -317,16 +317,10 @@ def check_generate(cfg: GenerateConfig) -> None:
 
 
 def reward_from_config(cfg):
-    """The reward function a Generate/Experiment config names (reward_model wins over reward)."""
-    from .rewards import load_reward, reward_kind
+    """The reward function a Generate/Experiment config names (see `rewards.reward_from_config`)."""
+    from .rewards import reward_from_config as from_config
 
-    spec = cfg.reward_model or cfg.reward
-    if cfg.reward_model and not Path(cfg.reward_model).is_dir():
-        raise ValueError(f"reward model {cfg.reward_model}: directory not found")
-    kind = reward_kind(spec)
-    options = {"regex": {"pattern": cfg.reward_pattern or None, "absent": cfg.reward_absent},
-               "length": {"target_length": cfg.reward_target_length}}.get(kind, {})
-    return load_reward(spec, **options)
+    return from_config(cfg)
 
 
 def write_chunk(model, tokenizer, prompts, chunk, reward_fn, cfg, out: Path, totals: dict, autocast, advance) -> None:

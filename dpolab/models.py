@@ -115,6 +115,22 @@ def run_model_dir(run_dir: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
+def trained_beta(model: str, beta: float) -> float:
+    """`beta` if given (> 0), else the beta recorded in the config.yaml of the run `model` comes
+    from (runs/x, runs/x/final, runs/x/checkpoint-N), else DPO's usual 0.1."""
+    if beta > 0:
+        return beta
+    import yaml
+
+    path = Path(resolve_model_path(model)) if model and model != DEFAULT_MODEL else None
+    recorded = path.parent / "config.yaml" if path is not None else None
+    if recorded is not None and recorded.is_file():
+        value = (yaml.safe_load(recorded.read_text()) or {}).get("beta")
+        if isinstance(value, (int, float)) and value > 0:
+            return float(value)
+    return 0.1
+
+
 def hub_error(name: str, error: Exception) -> ModelError:
     """One line for a model that is neither a local folder nor loadable from the hub."""
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

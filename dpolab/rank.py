@@ -33,6 +33,9 @@ class RankConfig:
     data: str = opt("", "Preference pairs: rank by correct implicit-reward ordering.")
     prompts: str = opt("", "Prompt set: rank by the judge's reward of each model's samples (needs --reward).")
     reward: str = opt("", "Judge for prompts mode: sentiment | length | regex | module:function | a reward-model path.")
+    reward_pattern: str = opt("", "regex reward: the pattern (--reward regex --reward-pattern 'thank(s| you)').")
+    reward_absent: bool = opt(False, "regex reward: reward the pattern's absence instead.")
+    reward_target_length: int = opt(20, "length reward: target number of words.")
     limit: int = opt(0, "Use only the first N pairs / prompts (0 = all).")
     num_samples: int = opt(1, "Samples per prompt and model.")
     max_new_tokens: int = opt(48, "Tokens sampled per completion.")
@@ -131,11 +134,11 @@ def prompt_scores(models: list[str], cfg: RankConfig):
     from .evaluate import draw_samples, judge_texts
     from .prompts import read_prompts
     from .models import load_tokenizer, pick_device
-    from .rewards import load_reward
+    from .rewards import reward_from_config
     from .score import load_frozen
 
     prompts = read_prompts(cfg.prompts, cfg.prompt_column, cfg.limit)
-    judge = load_reward(cfg.reward)
+    judge = reward_from_config(cfg)
     texts = judge_texts(prompts, cfg.num_samples)
     device = pick_device(cfg.device)
     scores = []

@@ -55,6 +55,22 @@ def load_reward(spec: str, **options) -> RewardFn:
     return checked(callable_reward(spec), spec)
 
 
+def reward_from_config(cfg) -> RewardFn:
+    """The reward a command's config names, with its options: `reward` (or `reward_model`, which
+    wins), `reward_pattern` / `reward_absent` (regex), `reward_target_length` (length). The
+    same fields in every config that takes a reward (generate, eval, rank, experiment)."""
+    from pathlib import Path
+
+    model = getattr(cfg, "reward_model", "")
+    spec = model or cfg.reward
+    if model and not Path(model).is_dir():
+        raise ValueError(f"reward model {model}: directory not found")
+    kind = reward_kind(spec)
+    options = {"regex": {"pattern": getattr(cfg, "reward_pattern", "") or None, "absent": getattr(cfg, "reward_absent", False)},
+               "length": {"target_length": getattr(cfg, "reward_target_length", None)}}.get(kind, {})
+    return load_reward(spec, **options)
+
+
 def reward_kind(spec: str) -> str:
     """sentiment | length | regex | model (a directory) | callable (module:function)."""
     if not spec:

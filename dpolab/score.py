@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import html
 import json
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ class ScoreConfig:
     data: str = opt("", "Rows {prompt, response} or {prompt, response: [candidates...]}, or preference pairs "
                         "(chosen and rejected are scored as two candidates).")
     output_dir: str = opt("runs/score", "Writes scores.jsonl (+ tokens.jsonl and tokens.html with --per-token).")
-    beta: float = opt(0.1, "beta of the implicit reward; use the beta the policy was trained with.")
+    beta: float = opt(0.0, "beta of the implicit reward; 0 = the beta the run was trained with (its config.yaml), else 0.1.")
     per_token: bool = opt(False, "Also save and show the per-token reward of every response.")
     show: int = opt(3, "Prompts shown in the terminal (all rows are saved).")
     limit: int = opt(0, "Score only the first N rows (0 = all).")
@@ -283,6 +284,9 @@ def rank_candidates(records: list[dict]) -> None:
 def score(cfg: ScoreConfig | None = None, **overrides) -> list[dict]:
     """Score every candidate response; returns the records written to scores.jsonl."""
     cfg = cfg or resolve(ScoreConfig, **overrides)
+    from .models import trained_beta
+
+    cfg = dataclasses.replace(cfg, beta=trained_beta(cfg.model, cfg.beta))  # the run's beta unless given
     if not cfg.data:
         raise ValueError("nothing to score: pass --data FILE")
     rows = load_candidates(cfg.data, cfg.prompt_column, cfg.response_column, cfg.limit)

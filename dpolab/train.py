@@ -130,7 +130,10 @@ def dpo_objective(loss_name: str, params: LossParams, model, reference, batch: d
         "loss": out.losses.detach(),
         "rewards/chosen": out.chosen_rewards,
         "rewards/rejected": out.rejected_rewards,
-        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
+        # one definition everywhere (stats.outcomes, dpolab eval): a tie counts half, so an
+        # untrained policy (every margin 0) scores 0.5, the level a trained one has to beat
+        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float()
+        + 0.5 * (out.chosen_rewards == out.rejected_rewards).float(),
         "rewards/margins": out.chosen_rewards - out.rejected_rewards,
         "logps/chosen": policy_chosen_logps.detach(),
         "logps/rejected": policy_rejected_logps.detach(),

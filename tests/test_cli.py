@@ -228,3 +228,40 @@ def test_signal_during_final_evaluation_stops_it_and_saves_the_weights(tmp_path,
     assert "SIGTERM: stopped after step 2" in stderr
     assert (out / "final" / "model.safetensors").exists() and (out / "checkpoint-2" / "training_state.pt").exists()
     assert not _records(out, "eval")
+
+
+def test_dpolab_train_is_callable_after_the_module_was_imported(tmp_path, tiny_model_dir, toy_data):
+    """`import dpolab.train` (the CLI does it) makes the attribute the module; the README's
+    `dpolab.train(...)` must still train."""
+    import dpolab
+    import dpolab.train  # noqa: F401
+
+    result = dpolab.train(model=str(tiny_model_dir), data=str(toy_data), output_dir=str(tmp_path / "r"), max_steps=1,
+                          bf16="false", progress=False)
+    assert result["steps"] == 1
+    with pytest.raises(ValueError, match="unknown loss 'dpo'; choose one of: sigmoid"):
+        dpolab.train(model=str(tiny_model_dir), data=str(toy_data), loss="dpo")  # checked before anything loads
+
+
+def test_training_accuracy_counts_ties_half_like_eval(tmp_path, tiny_model_dir, toy_data):
+    """Step 1 is measured before any update: policy == reference, every margin 0, all ties."""
+    out = tmp_path / "r"
+    assert main(_train_args(tiny_model_dir, toy_data, out, "--max-steps", "1")) == 0
+    first = _records(out)[0]
+    assert first["rewards/margins"] == 0 and first["rewards/accuracies"] == 0.5
+
+
+def test_eval_takes_beta_from_the_run_and_accepts_a_reward_pattern(tmp_path, tiny_model_dir, toy_data):
+    out = tmp_path / "r"
+    assert main(_train_args(tiny_model_dir, toy_data, out, "--max-steps", "1", "--beta", "0.3")) == 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("human : the film ? assistant :\nhuman : a show ? assistant :\n")
+    ev = tmp_path / "ev"
+    assert main(["eval", "--model", str(out), "--data", str(toy_data), "--limit", "4", "--prompts", str(prompts),
+                 "--reward", "regex", "--reward-pattern", "great|good", "--num-samples", "2", "--max-new-tokens", "4",
+                 "--output-dir", str(ev), "--device", "cpu"]) == 0
+    result = json.loads((ev / "eval.json").read_text())
+    assert result["beta"] == 0.3 and result["generation"]["prompts"] == 2
+    assert main(["eval", "--model", str(out), "--data", str(toy_data), "--limit", "4", "--beta", "0.05",
+                 "--output-dir", str(ev), "--device", "cpu"]) == 0
+    assert json.loads((ev / "eval.json").read_text())["beta"] == 0.05  # a flag still wins

@@ -85,3 +85,17 @@ def test_positional_run_dirs_for_report():
     args = build_parser().parse_args(["report", "runs/a", "runs/b", "--title", "t"])
     cfg = resolve(ReportConfig, args)
     assert cfg.runs == "runs/a,runs/b" and cfg.title == "t"
+
+
+def test_configs_built_in_python_are_validated_like_the_command_line():
+    import pytest as _pytest
+
+    from dpolab.config import SFTConfig, TrainConfig
+
+    with _pytest.raises(ValueError, match="max_prompt_length must be < max_length"):
+        TrainConfig(max_length=128, max_prompt_length=128)
+    with _pytest.raises(ValueError, match="unknown loss 'dpo'"):
+        TrainConfig(loss="dpo")
+    with _pytest.raises(ValueError, match="keep_last must be >= 0"):
+        SFTConfig(keep_last=-1)
+    assert TrainConfig(max_length=128).max_prompt_length == 0  # 0 = half of max_length, resolved where used
