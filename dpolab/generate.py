@@ -246,8 +246,9 @@ def noisy_label(high: float, low: float, rng: random.Random, flip_rate: float = 
     return swapped
 
 
-def pair_rows(prompt, prompt_index: int, completions: list[str], scores: list[float], cfg, chat: bool):
-    """Output rows of one prompt and its drop counts."""
+def pair_rows(prompt, prompt_index: int, completions: list[str], scores: list[float], cfg, chat: bool,
+              truncated: list[bool] | None = None):
+    """Output rows of one prompt and its drop counts; `truncated[j]`: sample j hit max_new_tokens."""
     rng = random.Random(f"{cfg.seed}:{prompt_index}")  # str seeds are stable across runs
     pairs, dropped = make_pairs(scores, cfg.pair_strategy, cfg.min_gap, rng)
     rows = []
@@ -259,6 +260,7 @@ def pair_rows(prompt, prompt_index: int, completions: list[str], scores: list[fl
             "chosen": as_reply(completions[w], prompt, chat), "rejected": as_reply(completions[l], prompt, chat),
             "chosen_score": scores[w], "rejected_score": scores[l], "prompt_index": prompt_index,
             "chosen_sample": w, "rejected_sample": l, "flipped": flipped,
+            **({"chosen_truncated": truncated[w], "rejected_truncated": truncated[l]} if truncated is not None else {}),
         })
     return rows, dropped
 
@@ -326,16 +328,19 @@ def reward_from_config(cfg):
 def write_chunk(model, tokenizer, prompts, chunk, reward_fn, cfg, out: Path, totals: dict, autocast, advance) -> None:
     """Sample, score and pair the prompts `chunk`; append their rows, then mark them done."""
     batch = [prompts[i] for i in chunk]
-    texts = sample(model, tokenizer, batch, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
-                   temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.batch_size,
-                   chat=cfg.chat, autocast=autocast, on_batch=advance, prompt_indices=chunk)
+    ids = sample_ids(model, tokenizer, batch, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
+                     temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.batch_size,
+                     chat=cfg.chat, autocast=autocast, on_batch=advance, prompt_indices=chunk)
+    texts = [[tokenizer.decode(c, skip_special_tokens=True) for c in row] for row in ids]
+    # max_new_tokens ids and no stop token: the sampler cut it (training must not add EOS there)
+    cut = [[len(c) >= cfg.max_new_tokens for c in row] for row in ids]
     flat_prompts = [prompt_text(p) for p in batch for _ in range(cfg.num_samples)]
     scores = reward_fn(flat_prompts, [c for row in texts for c in row])
     k = cfg.num_samples
     with open(out, "a", encoding="utf-8") as pairs_file, open(progress_path(out), "a", encoding="utf-8") as log:
         for n, i in enumerate(chunk):
             rows, dropped = pair_rows(prompts[i], i, texts[n], [float(s) for s in scores[n * k : (n + 1) * k]], cfg,
-                                      cfg.chat)
+                                      cfg.chat, cut[n])
             for row in rows:
                 pairs_file.write(json.dumps(row, ensure_ascii=False) + "\n")
             totals["pairs"] += len(rows)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dpolab.generate import (
-    GenerateConfig, GumbelSampler, encode_prompt, generate, make_pairs, noisy_label, pair_rows, read_prompts,
+    GenerateConfig, GumbelSampler, encode_prompt, generate, make_pairs, noisy_label, pair_rows, read_prompts, stop_token_ids,
     review_prefix, sample, sample_ids,
 )
 from tests.conftest import SHARED_DATA, build_tiny_model, build_tokenizer
@@ -268,3 +268,38 @@ def test_default_model_continues_review_openings():
     assert a == sample(model, tokenizer, prompts, num_samples=4, max_new_tokens=12, seed=3, batch_size=5)
     scores = load_reward("sentiment")([p for p in prompts for _ in range(4)], [c for row in a for c in row])
     assert len(set(scores)) > 2 and all(-1 <= s <= 1 for s in scores)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_training_sees_exactly_the_sampled_tokens(tiny_model_dir, tmp_path, chat):
+    """A completion cut at max_new_tokens gets no EOS / end-of-turn at training time: training
+    sees the sampled text and a stop token only where the sampler stopped. (Text rows are
+    re-tokenised, so ids equal the sampled ones where those are the tokenizer's own spelling.)"""
+    from dpolab.data import load_pairs
+    from dpolab.generate import sample_ids
+    from dpolab.models import load_model, load_tokenizer
+
+    _generate(tiny_model_dir, tmp_path, chat=chat, max_new_tokens=6, temperature=2.0)
+    rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    cfg = GenerateConfig(model=str(tiny_model_dir), chat=chat, max_new_tokens=6, temperature=2.0, num_samples=4, batch_size=8)
+    prompts = read_prompts(str(tmp_path / "prompts.txt"))
+    sampled = sample_ids(load_model(str(tiny_model_dir)).eval(), tokenizer, prompts, num_samples=4, max_new_tokens=6,
+                         temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_size=8, chat=chat)
+    pairs, _ = load_pairs(str(tmp_path / "pairs.jsonl"), tokenizer, max_length=256, max_prompt_length=128)
+    assert len(pairs) == len(rows) > 0
+    stops = set(stop_token_ids(tokenizer))
+    cut = whole = 0
+    for row, pair in zip(rows, pairs):
+        for side, ids in (("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)):
+            drawn = sampled[row["prompt_index"]][row[f"{side}_sample"]]
+            assert row[f"{side}_truncated"] == (len(drawn) == 6)
+            # the same text as sampled (text rows are re-tokenised from it)...
+            assert tokenizer.decode(ids, skip_special_tokens=True).strip() == tokenizer.decode(drawn, skip_special_tokens=True).strip()
+            if row[f"{side}_truncated"]:  # ...and no stop token the model never sampled
+                cut += 1
+                assert not stops & set(ids), (side, ids)
+            else:
+                whole += 1
+                assert stops & set(ids)  # it stopped: training learns to stop there
+    assert cut >= 2

@@ -63,6 +63,9 @@ class PreferenceExample:
     prompt: str | list[Message]   # text, or messages (conversational)
     chosen: str | list[Message]   # completion text, or assistant message(s)
     rejected: str | list[Message]
+    # (chosen, rejected) cut by a sampler's length limit (`chosen_truncated` / `rejected_truncated`
+    # in rows `dpolab generate` writes): no EOS / end-of-turn is added, the model never sampled one
+    truncated: tuple[bool, bool] = (False, False)
 
 
 @dataclass
@@ -213,7 +216,7 @@ def _explicit(raw: dict, row: int, source: str, cols: _Columns) -> PreferenceExa
     if _blank(prompt):
         raise _Drop("empty prompt")
     _check_pair(chosen, rejected, _blank)
-    return PreferenceExample(row, prompt, chosen, rejected)
+    return PreferenceExample(row, prompt, chosen, rejected, _cut_flags(raw))
 
 
 def split_transcript(text: str) -> tuple[str, str] | None:
@@ -262,7 +265,11 @@ def _conversational(raw: dict, row: int, source: str, cols: _Columns) -> Prefere
     if any(c and c[-1]["role"] != "assistant" for c in (chosen, rejected)):
         raise _Drop("bad messages")
     _check_pair(chosen, rejected, _no_content)
-    return PreferenceExample(row, prompt, chosen, rejected)
+    return PreferenceExample(row, prompt, chosen, rejected, _cut_flags(raw))
+
+
+def _cut_flags(raw: dict) -> tuple[bool, bool]:
+    return raw.get("chosen_truncated") is True, raw.get("rejected_truncated") is True
 
 
 def _conversational_implicit(raw: dict, row: int, source: str, cols: _Columns) -> PreferenceExample:

@@ -37,7 +37,7 @@ from .formats import DataReport, PreferenceExample, normalise
 
 __all__ = ["TokenizedPair", "render", "tokenize_examples", "truncate", "load_pairs", "split_eval"]
 
-CACHE_VERSION = 1  # bump when the tokenisation rules change, so old caches are not reused
+CACHE_VERSION = 2  # bump when the tokenisation rules change, so old caches are not reused
 
 
 @dataclass
@@ -66,11 +66,14 @@ def render(example: PreferenceExample, tokenizer) -> tuple[str, str, str] | None
                         f"a chat template; {getattr(tokenizer, 'name_or_path', 'this tokenizer')} has none")
     prompt_text = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
     completions = []
-    for messages in (example.chosen, example.rejected):
+    for messages, cut in zip((example.chosen, example.rejected), example.truncated):
         full = tokenizer.apply_chat_template(example.prompt + messages, tokenize=False)
         if not full.startswith(prompt_text):
             return None
-        completions.append(full[len(prompt_text):])
+        completion = full[len(prompt_text):]
+        end = completion.rfind(messages[-1]["content"]) if cut else -1
+        # a reply cut by the sampler's length limit ends with its last sampled text, not end-of-turn
+        completions.append(completion[: end + len(messages[-1]["content"])] if end >= 0 else completion)
     return prompt_text, completions[0], completions[1]
 
 
@@ -159,9 +162,9 @@ def tokenize_examples(examples: Sequence[PreferenceExample], tokenizer, report: 
         if not c or not r:
             report.drop("empty completion", ex.row)
             continue
-        if isinstance(ex.prompt, str) and eos is not None:
-            c = c if c[-1] == eos else c + [eos]
-            r = r if r[-1] == eos else r + [eos]
+        if isinstance(ex.prompt, str) and eos is not None:  # not after a completion the sampler cut
+            c = c if c[-1] == eos or ex.truncated[0] else c + [eos]
+            r = r if r[-1] == eos or ex.truncated[1] else r + [eos]
         cut = truncate(p, c, r, max_length, max_prompt_length, keep_first=adds_bos)
         if cut is None:
             report.drop("prompt does not fit", ex.row)
