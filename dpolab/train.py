@@ -179,6 +179,11 @@ def _claim_output_dir(cfg, output_dir: Path) -> str | None:
     """(Rank 0) refuse a folder holding another run, else create it and write config.yaml."""
     if not cfg.resume and (checkpoint.latest(output_dir) or (output_dir / "final").exists()):
         return f"{output_dir} already holds a run: pass --resume to continue it or choose another --output-dir"
+    if cfg.resume and not checkpoint.latest(output_dir) and (output_dir / "final").exists():
+        # without this, --resume would silently train again from step 0 over the finished model
+        return (f"{output_dir} is a finished run with no checkpoint to continue from (its final/ holds no optimizer "
+                f"state; --final-checkpoint keeps one): start a new run from it with --model {output_dir} "
+                "--output-dir NEW_DIR")
     try:
         safety.check_writable(output_dir)
     except TrainingError as e:

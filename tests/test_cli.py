@@ -172,6 +172,17 @@ def test_resume_reads_the_runs_own_config_and_a_failed_start_changes_nothing(tmp
     assert saved["beta"] == 0.3 and saved["max_steps"] == 3 and saved["data"] == str(toy_data)
 
 
+def test_resume_of_a_finished_run_without_checkpoint_is_refused_not_retrained(tmp_path, tiny_model_dir, toy_data, capsys):
+    out = tmp_path / "r"
+    assert main(_train_args(tiny_model_dir, toy_data, out, "--max-steps", "1")) == 0
+    before = (out / "final" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a finished run with no checkpoint to continue from" in err[0] and f"--model {out}" in err[0]
+    assert (out / "final" / "model.safetensors").read_bytes() == before
+
+
 def test_limit_trains_on_the_first_n_pairs_and_the_data_line_says_so(tmp_path, tiny_model_dir, toy_data, capsys):
     out = tmp_path / "r"
     assert main(_train_args(tiny_model_dir, toy_data, out, "--limit", "4", "--eval-fraction", "0", "--epochs", "1")) == 0
