@@ -38,7 +38,7 @@ class CommonConfig:
     split: str = opt("train", "Split to read from a datasets folder / hub dataset.")
     max_length: int = opt(512, "Max tokens of prompt + completion; longer pairs are truncated.")
     max_prompt_length: int = opt(0, "Prompt tokens kept (from the end) when a pair is too long (0 = half of max_length).")
-    limit: int = opt(0, "Use only the first N usable pairs of --data (a quick trial run; 0 = all).")
+    limit: int = opt(0, "Use only the first N usable pairs of --data (and of --eval-data): a quick trial run; 0 = all.")
     batch_size: int = opt(4, "Pairs per micro-batch (per process).")
     grad_accum: int = opt(1, "Micro-batches per optimizer step.")
     eval_batch_size: int = opt(8, "Pairs per evaluation batch.")

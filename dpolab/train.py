@@ -211,15 +211,15 @@ def load_data(cfg, run: Run):
         raise TrainingError("no training data: pass --data FILE")
     with run.accelerator.local_main_process_first():  # one process per machine tokenises, the rest read its cache
         train_pairs, report = load_pairs(cfg.data, run.tokenizer, **kw)
+    train_pairs = train_pairs[: cfg.limit or None]  # a trial run: fewer pairs to train AND to evaluate on
     if cfg.eval_data:
         with run.accelerator.local_main_process_first():
             eval_pairs, eval_report = load_pairs(cfg.eval_data, run.tokenizer, **kw)
+        eval_pairs = eval_pairs[: cfg.limit or None]
         if run.accelerator.is_main_process:
             eval_report.write(run.output_dir / "eval_data_report.json")
     else:
         train_pairs, eval_pairs = split_eval(train_pairs, cfg.eval_fraction, cfg.seed)
-    if cfg.limit:
-        train_pairs = train_pairs[: cfg.limit]
     if run.accelerator.is_main_process:
         report.write(run.output_dir / "data_report.json")
         run.accelerator.print(data_summary(cfg.data, report, len(train_pairs), len(eval_pairs), cfg.limit))

@@ -189,6 +189,10 @@ def test_limit_trains_on_the_first_n_pairs_and_the_data_line_says_so(tmp_path, t
     printed = capsys.readouterr().out
     assert f"data {toy_data}: 24 rows, 24 kept, dropped: none, 0 truncated; first 4 used: 4 train / 0 eval pairs" in printed
     assert [r["step"] for r in _records(out)] == [1, 2]  # 4 pairs / batch 2
+    # the held-out split comes out of the same first N pairs: a trial run evaluates few pairs too
+    assert main(_train_args(tiny_model_dir, toy_data, tmp_path / "r2", "--limit", "10", "--eval-fraction", "0.2",
+                            "--max-steps", "1")) == 0
+    assert "first 10 used: 8 train / 2 eval pairs" in capsys.readouterr().out
 
 
 def test_default_run_keeps_only_the_final_model_and_files_are_readable(tmp_path, tiny_model_dir, toy_data):
