@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve(cls, args)
         _resolve_name(target)(cfg)
-    except KeyboardInterrupt:
-        print("dpolab: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if not hasattr(e, "checkpoint_dir"):  # safety.Interrupted already said where its checkpoint is
+            print("dpolab: interrupted", file=sys.stderr)
         return 130
     except user_errors() as e:
         if os.environ.get("DPOLAB_DEBUG"):

@@ -241,6 +241,7 @@ def test_signal_during_final_evaluation_stops_it_and_saves_the_weights(tmp_path,
     assert time.time() - sent < 20, "the evaluation did not stop within seconds"
     assert proc.returncode == 130, stderr[-2000:]
     assert "SIGTERM: stopped after step 2" in stderr
+    assert "dpolab: interrupted" not in stderr  # one message, the one naming the checkpoint
     assert (out / "final" / "model.safetensors").exists() and (out / "checkpoint-2" / "training_state.pt").exists()
     assert not _records(out, "eval")
 
