@@ -30,6 +30,7 @@ TIMEOUT = 300  # a hang (ranks waiting on each other) fails the test instead of 
 COMMON = dict(
     max_steps=4, batch_size=2, lr=1e-3, bf16="false", eval_fraction=0.2, eval_batch_size=2,
     precompute_ref=True, progress=False, max_length=128, max_prompt_length=64,
+    final_checkpoint=True, keep_last=0,  # the end-of-run checkpoint is resumed from below
 )
 
 
