@@ -26,7 +26,9 @@ def experiment(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("experiment")
     sft_data = write_toy_pairs(out / "sft.jsonl", 8)
     results = run(model=str(tiny_model_dir), output_dir=str(out), betas="0.1,0.5", rounds=2, active=True,
-                  active_fraction=0.5, sft_data=str(sft_data), sft_steps=1, **TINY)
+                  active_fraction=0.5, sft_data=str(sft_data), sft_steps=1, online_kl_coefs="0.05,0.5", online_steps=2,
+                  online_prompts_per_step=2, online_samples=2, online_lr=1e-3,
+                  baselines="preferred-ft,unlikelihood,ipo,cdpo", **TINY)
     return out, results
 
 
@@ -47,13 +49,15 @@ def test_every_policy_and_baseline_is_a_point(experiment):
     for p in results["points"]:
         kinds.setdefault(p["kind"], []).append(p)
         assert math.isfinite(p["reward"]) and math.isfinite(p["kl"])
-    assert sorted(kinds) == ["best-of-n", "cdpo", "dpo", "dpo-round", "ipo", "preferred-ft", "reference"]
+    assert sorted(kinds) == ["best-of-n", "cdpo", "dpo", "dpo-round", "ipo", "preferred-ft", "reference", "rloo",
+                             "unlikelihood"]
+    assert sorted(p["beta"] for p in kinds["rloo"]) == [0.05, 0.5]
     assert sorted(p["beta"] for p in kinds["dpo"]) == [0.1, 0.5]
     (bon,) = kinds["best-of-n"]
     assert bon["kl"] == pytest.approx(math.log(4) - 3 / 4) and bon["kl_from"] == "bound"
     (ref,) = kinds["reference"]
     assert ref["kl"] == 0 and ref["win_rate"] == 0.5
-    for p in kinds["dpo"] + kinds["ipo"] + kinds["cdpo"]:
+    for p in kinds["dpo"] + kinds["ipo"] + kinds["cdpo"] + kinds["rloo"]:
         assert p["kl_from"] == "samples" and 0 <= p["accuracy"] <= 1 and 0 <= p["win_rate"] <= 1
 
 
