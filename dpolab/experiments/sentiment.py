@@ -170,7 +170,8 @@ def pipeline(cfg: ExperimentConfig) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    clock = Clock(timings)
+    cpu: dict[str, float] = {}
+    clock = Clock(timings, cpu)
     train_prompts, eval_prompts = split_prompts(cfg)
     reward_fn = reward_from_config(cfg)
     with clock("sft"):
@@ -198,7 +199,7 @@ def pipeline(cfg: ExperimentConfig) -> dict:
                                              reward_fn, eval_pairs, out, clock)
             points += more_points
             run_dirs += more_dirs
-    return {"points": points, "run_dirs": run_dirs, "eval_prompts": eval_prompts, "timings": timings,
+    return {"points": points, "run_dirs": run_dirs, "eval_prompts": eval_prompts, "timings": timings, "cpu_seconds": cpu,
             "reference": reference_name, "train_pairs": count_lines(pairs), "heldout_pairs": len(eval_pairs),
             "reference_samples": len(ref_draw["samples"][0])}
 
@@ -250,19 +251,22 @@ def best_of(cfg) -> list[int]:
 
 
 class Clock:
-    """`with clock("stage"):` adds the stage's wall time (seconds) to `timings`."""
+    """`with clock("stage"):` adds the stage's wall time (seconds) to `timings` and its CPU time
+    (all threads of this process) to `cpu`: CPU seconds do not depend on what else the machine
+    runs, so they size a run for another machine (wall ≈ CPU seconds / cores used)."""
 
-    def __init__(self, timings: dict):
-        self.timings = timings
+    def __init__(self, timings: dict, cpu: dict | None = None):
+        self.timings, self.cpu = timings, cpu if cpu is not None else {}
 
     def __call__(self, name: str):
         import contextlib
 
         @contextlib.contextmanager
         def timed():
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             yield
             self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 1)
+            self.cpu[name] = round(self.cpu.get(name, 0.0) + time.process_time() - cpu, 1)
 
         return timed()
 
@@ -508,7 +512,9 @@ def finish(cfg, ctx: dict, points: list[dict], start: float, title: str) -> dict
     meta = {"eval_prompts": len(ctx["eval_prompts"]), "eval_samples": cfg.eval_samples, "reward": reward_name,
             "reference_samples": ctx["reference_samples"]}
     settings = [[k, str(v)] for k, v in dataclasses.asdict(cfg).items()]
-    timing_rows = [[k, f"{v:.1f}"] for k, v in ctx["timings"].items()] + [["total", f"{seconds:.1f}"]]
+    cpu = ctx.get("cpu_seconds", {})
+    timing_rows = [[k, f"{v:.1f}", f"{cpu.get(k, 0.0):.1f}"] for k, v in ctx["timings"].items()]
+    timing_rows.append(["total", f"{seconds:.1f}", f"{time.process_time():.1f} (process)"])
     claims = paper_claims(points)
     claims_html = ("<p>Fixed before the run (dpolab/experiments/claims.py): DPO's curve interpolated at the other "
                    "policy's KL; 95% intervals of reward differences from the two points' SEs.</p>"
@@ -518,11 +524,12 @@ def finish(cfg, ctx: dict, points: list[dict], start: float, title: str) -> dict
         ("The paper's claims on this run", claims_html),
         ("Results", results_section(points, meta)),
         ("Examples: held-out prompts before and after", examples_section(ctx["eval_prompts"], points)),
-        ("Settings and timings", table(["option", "value"], settings) + table(["stage", "seconds"], timing_rows)),
+        ("Settings and timings", table(["option", "value"], settings) + table(["stage", "wall seconds", "CPU seconds"], timing_rows)),
     ]
     report = build_report([str(d) for d in ctx["run_dirs"]], out / "report.html", sections, title=title)
     results = {"title": title, "seconds": round(seconds, 1), "reference": ctx["reference"], "train_pairs": ctx["train_pairs"],
-               "heldout_pairs": ctx["heldout_pairs"], "timings": ctx["timings"], "claims": claims, "points": points,
+               "heldout_pairs": ctx["heldout_pairs"], "timings": ctx["timings"], "cpu_seconds": cpu,
+               "process_cpu_seconds": round(time.process_time(), 1), "claims": claims, "points": points,
                "config": dataclasses.asdict(cfg), "report": str(report), "frontier": str(out / "frontier.png")}
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print_summary(points, f"{title}: {ctx['train_pairs']} training pairs, {meta['eval_prompts']} held-out prompts",
