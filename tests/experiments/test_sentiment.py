@@ -16,6 +16,10 @@ TINY = dict(train_prompts=12, eval_prompts=3, num_samples=4, max_new_tokens=8, s
             sft_lr=1e-3, best_of="4", eval_samples=2, reward="length", reward_target_length=3, progress=False,
             gen_batch_size=32, device="cpu")
 TINY_NO_BON = {k: v for k, v in TINY.items() if k != "best_of"}
+# online RL at two KL coefficients and every trained baseline, on the tiny model
+FULL = dict(betas="0.1,0.5", rounds=2, active=True, active_fraction=0.5, sft_steps=1, online_kl_coefs="0.05,0.5",
+            online_steps=2, online_prompts_per_step=2, online_samples=2, online_lr=1e-3,
+            baselines="preferred-ft,unlikelihood,ipo,cdpo")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -25,10 +29,7 @@ def experiment(tiny_model_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("experiment")
     sft_data = write_toy_pairs(out / "sft.jsonl", 8)
-    results = run(model=str(tiny_model_dir), output_dir=str(out), betas="0.1,0.5", rounds=2, active=True,
-                  active_fraction=0.5, sft_data=str(sft_data), sft_steps=1, online_kl_coefs="0.05,0.5", online_steps=2,
-                  online_prompts_per_step=2, online_samples=2, online_lr=1e-3,
-                  baselines="preferred-ft,unlikelihood,ipo,cdpo", **TINY)
+    results = run(model=str(tiny_model_dir), output_dir=str(out), sft_data=str(sft_data), **FULL, **TINY)
     return out, results
 
 
@@ -94,8 +95,7 @@ def test_optional_sft_stage_becomes_the_reference(experiment):
 
 def test_rerun_reuses_finished_stages(experiment, tiny_model_dir):
     out, first = experiment
-    again = run(model=str(tiny_model_dir), output_dir=str(out), betas="0.1,0.5", rounds=2, active=True,
-                active_fraction=0.5, sft_data=str(out / "sft.jsonl"), sft_steps=1, **TINY)
+    again = run(model=str(tiny_model_dir), output_dir=str(out), sft_data=str(out / "sft.jsonl"), **FULL, **TINY)
     assert [p["reward"] for p in again["points"]] == [p["reward"] for p in first["points"]]
     with pytest.raises(ValueError, match="holds a run with other settings"):
         run(model=str(tiny_model_dir), output_dir=str(out), betas="0.1", sft_data=str(out / "sft.jsonl"), sft_steps=1,
@@ -139,3 +139,41 @@ def test_demo_config_parses():
     cfg = resolve(ExperimentConfig, config=str(REPO / "examples" / "demo.yaml"))
     check(cfg)
     assert cfg.model == "default" and cfg.name == "sentiment"
+
+
+@pytest.mark.slow
+def test_demo_config_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, capsys):
+    """examples/demo.yaml with only its sizes shrunk: every curve of the figure has >= 3 points,
+    the terminal shows the results table and the claims table, results.json records both."""
+    from dpolab.config import resolve
+    from dpolab.experiments.claims import CLAIM_COLUMNS
+    from dpolab.experiments.frontier import COLUMNS
+    from tests.conftest import REPO
+
+    sizes = {k: v for k, v in TINY.items() if k != "best_of"}
+    cfg = resolve(ExperimentConfig, config=str(REPO / "examples" / "demo.yaml"), **{
+        **sizes, "model": str(tiny_model_dir), "output_dir": str(tmp_path), "online_steps": 2,
+        "online_prompts_per_step": 2, "online_samples": 2, "min_gap": 0.0})
+    results = run(cfg)
+    shown = capsys.readouterr().out
+    curves = {}
+    for p in results["points"]:
+        curves.setdefault(p["kind"], []).append(p)
+    for kind in ("dpo", "rloo", "best-of-n"):
+        assert len(curves[kind]) >= 3, kind
+    assert {"reference", "preferred-ft", "unlikelihood"} <= set(curves)
+    for column in COLUMNS + CLAIM_COLUMNS:
+        assert column in shown
+    for p in results["points"]:
+        assert p["name"] in shown
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert [c["claim"] for c in on_disk["claims"]][:2] == [
+        "DPO reaches more reward than online RL (RLOO) at equal KL",
+        "DPO beta: a smaller coefficient gives more KL and more reward"]
+    for claim in on_disk["claims"]:
+        assert claim["verdict"] in ("held", "did not hold", "inconclusive")
+        for comparison in claim["comparisons"]:
+            low, high = comparison["ci"]
+            assert low <= comparison["difference"] <= high
+    assert on_disk["config"]["seed"] == cfg.seed and on_disk["cpu_seconds"]
+    assert (tmp_path / "frontier.png").read_bytes().startswith(PNG)
