@@ -161,7 +161,7 @@ def test_demo_config_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, caps
         curves.setdefault(p["kind"], []).append(p)
     for kind in ("dpo", "rloo", "best-of-n"):
         assert len(curves[kind]) >= 3, kind
-    assert {"reference", "preferred-ft", "unlikelihood"} <= set(curves)
+    assert {"reference", "preferred-ft"} <= set(curves)
     for column in COLUMNS + CLAIM_COLUMNS:
         assert column in shown
     for p in results["points"]:
