@@ -7,7 +7,7 @@ import html
 
 STYLE = {  # kind -> (colour, marker, legend label)
     "dpo": ("#d62728", "o", "DPO"),
-    "rloo": ("#17becf", "s", "RLOO (online RL, KL-penalised reward)"),
+    "rloo": ("#17becf", "h", "RLOO (online RL, KL-penalised reward)"),
     "dpo-round": ("#9467bd", "D", "iterative DPO"),
     "ipo": ("#2ca02c", "^", "IPO"),
     "cdpo": ("#ff7f0e", "v", "cDPO"),
