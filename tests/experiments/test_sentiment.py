@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dpolab.experiments.sentiment import ExperimentConfig, SweepConfig, check, run, split_prompts, sweep, sweep_values
+from dpolab.experiments.sentiment import (ExperimentConfig, SweepConfig, best_of, betas, check, kl_coefs, run, split_prompts,
+                                          sweep, sweep_values)
 
 # The tiny random model writes gibberish, so VADER would score nearly everything 0 (all ties):
 # the length reward gives these tests a reward that varies.
@@ -136,9 +137,11 @@ def test_demo_config_parses():
     from dpolab.config import resolve
     from tests.conftest import REPO
 
-    cfg = resolve(ExperimentConfig, config=str(REPO / "examples" / "demo.yaml"))
-    check(cfg)
-    assert cfg.model == "default" and cfg.name == "sentiment"
+    for name in ("demo.yaml", "paper.yaml"):
+        cfg = resolve(ExperimentConfig, config=str(REPO / "examples" / name))
+        check(cfg)
+        assert cfg.model == "default" and cfg.name == "sentiment"
+        assert min(len(betas(cfg)), len(kl_coefs(cfg)), len(best_of(cfg))) >= 3  # three curves of >= 3 points
 
 
 @pytest.mark.slow
