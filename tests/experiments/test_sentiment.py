@@ -39,7 +39,8 @@ def test_experiment_writes_report_frontier_and_results(experiment):
     assert (out / "frontier.png").read_bytes().startswith(PNG)
     html = (out / "report.html").read_text()
     for text in ("Reward vs KL frontier", "data:image/png;base64,", "Examples: held-out prompts", "Preferred-FT",
-                 "best-of-4", "Training curves"):
+                 "best-of-4", "Training curves", "The paper&#x27;s claims on this run", "RLOO kl=0.05", "Unlikelihood",
+                 "CPU seconds"):
         assert text in html
     on_disk = json.loads((out / "results.json").read_text())
     assert [p["name"] for p in on_disk["points"]] == [p["name"] for p in results["points"]]
