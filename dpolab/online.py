@@ -101,7 +101,8 @@ def check(cfg: OnlineConfig, prompts: list) -> None:
 
 def trl_args(cfg: OnlineConfig, use_cpu: bool):
     """TRL's config: one generation batch per optimizer step, one update per batch, no extras
-    (no advantage normalisation, no reward scaling: the objective stays the paper's)."""
+    (no advantage normalisation, no reward scaling: the objective stays the paper's). TRL turns
+    activation checkpointing on by default; a small model on CPU only pays its extra forward."""
     from trl import RLOOConfig
 
     return RLOOConfig(
@@ -110,7 +111,7 @@ def trl_args(cfg: OnlineConfig, use_cpu: bool):
         max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0, top_k=0,
         max_steps=cfg.steps, learning_rate=cfg.lr, lr_scheduler_type="linear", warmup_steps=0,
         max_grad_norm=cfg.max_grad_norm, beta=cfg.kl_coef, num_iterations=1, normalize_advantages=False,
-        logging_steps=1, save_strategy="no", gradient_checkpointing=False, report_to=[], disable_tqdm=not cfg.progress,
+        logging_steps=1, save_strategy="no", activation_checkpointing=False, report_to=[], disable_tqdm=not cfg.progress,
         log_completions=False, dataloader_num_workers=0)
 
 
