@@ -1,12 +1,13 @@
 # Two commands do all set-up on a machine with only Python 3.10+:
 #   make demo   the main job on the built-in default model and data
+#   make paper  the same experiment at a size closer to the DPO paper (hours)
 #   make test   the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.dpolab-installed
 
-.PHONY: demo test test-fast bench setup clean
+.PHONY: demo paper test test-fast bench setup clean
 
 setup: $(STAMP)
 
@@ -23,6 +24,10 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(BIN)/dpolab experiment --config examples/demo.yaml
+
+# the longer, closer-to-the-paper run (hours on a 2-core CPU: docs/experiment.md)
+paper: $(STAMP)
+	$(BIN)/dpolab experiment --config examples/paper.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider

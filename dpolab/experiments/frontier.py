@@ -7,14 +7,17 @@ import html
 
 STYLE = {  # kind -> (colour, marker, legend label)
     "dpo": ("#d62728", "o", "DPO"),
+    "rloo": ("#17becf", "h", "RLOO (online RL, KL-penalised reward)"),
     "dpo-round": ("#9467bd", "D", "iterative DPO"),
     "ipo": ("#2ca02c", "^", "IPO"),
     "cdpo": ("#ff7f0e", "v", "cDPO"),
     "preferred-ft": ("#8c564b", "s", "Preferred-FT"),
+    "unlikelihood": ("#7f7f7f", "X", "Unlikelihood"),
     "best-of-n": ("#1f77b4", "P", "best-of-N (KL bound)"),
     "reference": ("#000000", "*", "reference"),
     "sweep": ("#d62728", "o", "sweep"),
 }
+CURVES = ("dpo", "rloo", "sweep", "best-of-n")  # swept methods: drawn as connected curves
 COLUMNS = ["policy", "beta", "reward", "KL to ref", "win vs ref", "pref. acc."]
 
 
@@ -35,7 +38,7 @@ def frontier_png(points: list[dict], title: str, reward_name: str = "reward") ->
         xs, ys = [p["kl"] for p in group], [p["reward"] for p in group]
         ax.errorbar(xs, ys, xerr=[p["kl_se"] for p in group], yerr=[p["reward_se"] for p in group], fmt=marker,
                     color=colour, label=label, markersize=9 if kind == "reference" else 7, capsize=2,
-                    linestyle="-" if kind in ("dpo", "sweep", "best-of-n") and len(group) > 1 else "none",
+                    linestyle="-" if kind in CURVES and len(group) > 1 else "none",
                     linewidth=1, alpha=0.9, markerfacecolor="none" if kind == "best-of-n" else colour)
         for k, p in enumerate(group):
             tag = point_tag(p)
@@ -60,6 +63,8 @@ def point_tag(p: dict) -> str:
         return f"N={p.get('n')}"
     if p["kind"] == "sweep":
         return str(p.get("value"))
+    if p["kind"] == "rloo":
+        return f"kl={p['beta']:g}"
     if p["kind"] in ("dpo", "dpo-round") and p.get("beta") is not None:  # baselines: named in the legend
         return f"β={p['beta']:g}" + (f" r{p['round']}" if p.get("round", 0) > 1 else "")
     return ""

@@ -4,11 +4,14 @@ experiment on dpolab's own parts, ending in a reward-vs-KL frontier.
     prompts (built-in movie-review openings, or --prompts) split into train and held-out sets
     (optional SFT on --sft-data: its result becomes the reference)
     reference samples K completions per train prompt, the true reward labels them -> pairs
-    DPO at each beta, and the baselines (Preferred-FT = SFT on the chosen completions, IPO, cDPO)
+    DPO at each beta, and the baselines (Preferred-FT = SFT on the chosen completions,
+    Unlikelihood, IPO, cDPO)
+    online RL (RLOO with the KL-penalised true reward, dpolab.online) at each KL coefficient
     every policy sampled on the held-out prompts: mean reward, KL to the reference, win rate
     best-of-N from the reference with the true reward (N = 4, 16) at its analytic KL bound
     --rounds R: iterative on-policy DPO from the latest policy, the reference kept fixed
-    -> frontier.png, results.json, report.html, and a table in the terminal
+    -> frontier.png, results.json, report.html (with which of the paper's claims held on this
+       run, dpolab.experiments.claims), and a table in the terminal
 
 Stages are cached under `stages_dir` by a hash of everything that decides them (model,
 prompts, sampling settings, reward), and finished training runs are reused when their
@@ -29,7 +32,7 @@ from pathlib import Path
 
 from ..config import opt, resolve
 
-BASELINES = ("preferred-ft", "ipo", "cdpo")
+BASELINES = ("preferred-ft", "unlikelihood", "ipo", "cdpo")
 EXPERIMENTS = ("sentiment",)
 
 
@@ -61,7 +64,13 @@ class ExperimentConfig:
     eval_samples: int = opt(2, "Samples per held-out prompt for every policy.")
     best_of: str = opt("4,16", "Best-of-N baselines from the reference with the true reward (comma-separated N; empty = none).")
     betas: str = opt("0.05,0.1,0.5", "DPO beta values (comma-separated): one policy and one frontier point each.")
-    baselines: str = opt("preferred-ft,ipo,cdpo", "Trained baselines: preferred-ft, ipo, cdpo (comma-separated; empty = none).")
+    baselines: str = opt("preferred-ft,ipo,cdpo", "Trained baselines: preferred-ft, unlikelihood, ipo, cdpo (comma-separated; empty = none).")
+    unlikelihood_alpha: float = opt(1.0, "Weight of the Unlikelihood baseline's term on rejected tokens.")
+    online_kl_coefs: str = opt("", "Online RL (RLOO, KL-penalised true reward): KL coefficients, one policy each (empty = none).")
+    online_steps: int = opt(16, "Optimizer steps of every online RL run.")
+    online_prompts_per_step: int = opt(4, "Training prompts per online RL step.")
+    online_samples: int = opt(4, "Completions per prompt per online RL step (RLOO's K).")
+    online_lr: float = opt(1e-5, "Peak learning rate of the online RL runs.")
     ipo_beta: float = opt(0.1, "beta of the IPO baseline.")
     cdpo_beta: float = opt(0.1, "beta of the cDPO baseline.")
     label_smoothing: float = opt(0.1, "cDPO's assumed label-flip rate eps.")
@@ -161,7 +170,8 @@ def pipeline(cfg: ExperimentConfig) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    clock = Clock(timings)
+    cpu: dict[str, float] = {}
+    clock = Clock(timings, cpu)
     train_prompts, eval_prompts = split_prompts(cfg)
     reward_fn = reward_from_config(cfg)
     with clock("sft"):
@@ -177,7 +187,10 @@ def pipeline(cfg: ExperimentConfig) -> dict:
     run_dirs = []
     for spec in training_specs(cfg):
         with clock(f"train {spec['name']}"):
-            run_dir = train_policy(spec, reference_name, "", pairs, cfg, out / spec["dir"])
+            if spec["objective"] == "rloo":
+                run_dir = train_online(spec, reference_name, train_prompts, reward_fn, cfg, out / spec["dir"])
+            else:
+                run_dir = train_policy(spec, reference_name, "", pairs, cfg, out / spec["dir"])
         with clock(f"measure {spec['name']}"):
             points.append(measure_run(spec, run_dir, ref, eval_prompts, ref_draw, reward_fn, cfg, eval_pairs))
         run_dirs.append(run_dir)
@@ -186,7 +199,7 @@ def pipeline(cfg: ExperimentConfig) -> dict:
                                              reward_fn, eval_pairs, out, clock)
             points += more_points
             run_dirs += more_dirs
-    return {"points": points, "run_dirs": run_dirs, "eval_prompts": eval_prompts, "timings": timings,
+    return {"points": points, "run_dirs": run_dirs, "eval_prompts": eval_prompts, "timings": timings, "cpu_seconds": cpu,
             "reference": reference_name, "train_pairs": count_lines(pairs), "heldout_pairs": len(eval_pairs),
             "reference_samples": len(ref_draw["samples"][0])}
 
@@ -198,6 +211,8 @@ def check(cfg: ExperimentConfig) -> None:
     checks = [
         (not unknown, f"unknown baseline(s) {', '.join(unknown)}: use {', '.join(BASELINES)}"),
         (all(b > 0 for b in betas(cfg)), "betas must be positive numbers"),
+        (all(b > 0 for b in kl_coefs(cfg)), "online_kl_coefs must be positive numbers"),
+        (not kl_coefs(cfg) or cfg.online_samples >= 2, "online_samples must be >= 2 (RLOO's leave-one-out baseline)"),
         (all(n >= 2 for n in best_of(cfg)), "best_of values must be integers >= 2"),
         (cfg.train_prompts >= 1 and cfg.eval_prompts >= 1, "train_prompts and eval_prompts must be >= 1"),
         (cfg.num_samples >= 2, "num_samples must be >= 2 to make pairs"),
@@ -221,6 +236,13 @@ def betas(cfg) -> list[float]:
         raise ValueError(f"betas must be comma-separated numbers, got {cfg.betas!r}") from None
 
 
+def kl_coefs(cfg) -> list[float]:
+    try:
+        return [float(b) for b in names(getattr(cfg, "online_kl_coefs", ""))]
+    except ValueError:
+        raise ValueError(f"online_kl_coefs must be comma-separated numbers, got {cfg.online_kl_coefs!r}") from None
+
+
 def best_of(cfg) -> list[int]:
     try:
         return sorted({int(n) for n in names(cfg.best_of)})
@@ -229,19 +251,22 @@ def best_of(cfg) -> list[int]:
 
 
 class Clock:
-    """`with clock("stage"):` adds the stage's wall time (seconds) to `timings`."""
+    """`with clock("stage"):` adds the stage's wall time (seconds) to `timings` and its CPU time
+    (all threads of this process) to `cpu`: CPU seconds do not depend on what else the machine
+    runs, so they size a run for another machine (wall ≈ CPU seconds / cores used)."""
 
-    def __init__(self, timings: dict):
-        self.timings = timings
+    def __init__(self, timings: dict, cpu: dict | None = None):
+        self.timings, self.cpu = timings, cpu if cpu is not None else {}
 
     def __call__(self, name: str):
         import contextlib
 
         @contextlib.contextmanager
         def timed():
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             yield
             self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 1)
+            self.cpu[name] = round(self.cpu.get(name, 0.0) + time.process_time() - cpu, 1)
 
         return timed()
 
@@ -342,12 +367,18 @@ def tokenized_pairs(path: Path, tokenizer) -> list:
 
 # ----------------------------------------------------------------------------- training
 def training_specs(cfg: ExperimentConfig) -> list[dict]:
-    """One spec per trained policy: DPO at every beta, then the trained baselines."""
+    """One spec per trained policy: DPO at every beta, online RL at every KL coefficient, then
+    the trained baselines."""
     specs = [{"name": f"DPO β={b:g}", "kind": "dpo", "dir": f"dpo-beta{b:g}", "objective": "dpo", "loss": "sigmoid",
               "beta": b} for b in betas(cfg)]
+    # RLOO's implicit reward is kl_coef * log(pi / pi_ref) (the same optimum as DPO's): "beta" = kl_coef
+    specs += [{"name": f"RLOO kl={c:g}", "kind": "rloo", "dir": f"rloo-kl{c:g}", "objective": "rloo", "beta": c}
+              for c in kl_coefs(cfg)]
     chosen = names(cfg.baselines)
     if "preferred-ft" in chosen:
         specs.append({"name": "Preferred-FT", "kind": "preferred-ft", "dir": "preferred-ft", "objective": "sft"})
+    if "unlikelihood" in chosen:
+        specs.append({"name": "Unlikelihood", "kind": "unlikelihood", "dir": "unlikelihood", "objective": "unlikelihood"})
     if "ipo" in chosen:
         specs.append({"name": f"IPO β={cfg.ipo_beta:g}", "kind": "ipo", "dir": f"ipo-beta{cfg.ipo_beta:g}",
                       "objective": "dpo", "loss": "ipo", "beta": cfg.ipo_beta})
@@ -362,19 +393,40 @@ def train_policy(spec: dict, model: str, ref_model: str, data, cfg: ExperimentCo
                  steps: int | None = None) -> Path:
     """Train (or reuse a finished run with the same settings) and return the run directory."""
     from ..train import sft, train
+    from ..unlikelihood import UnlikelihoodConfig, train_unlikelihood
 
     kw = dict(model=model, data=str(data), output_dir=str(run_dir), max_steps=cfg.steps if steps is None else steps,
               batch_size=cfg.batch_size, eval_fraction=0.0, seed=cfg.seed, bf16=cfg.bf16, device=cfg.device,
               progress=cfg.progress, resume=True, final_checkpoint=False)  # final/ is all the experiment reads
     if spec["objective"] == "sft":
         kw["lr"] = cfg.sft_lr
+    elif spec["objective"] == "unlikelihood":
+        kw.update(lr=cfg.sft_lr, alpha=cfg.unlikelihood_alpha)
     else:
         kw.update(lr=cfg.lr, loss=spec["loss"], beta=spec["beta"], label_smoothing=spec.get("label_smoothing", 0.0),
                   ref_model=ref_model, precompute_ref=True)
     if reusable(run_dir, kw):
         return run_dir
-    (sft if spec["objective"] == "sft" else train)(**kw)
+    if spec["objective"] == "unlikelihood":
+        train_unlikelihood(UnlikelihoodConfig(**kw))
+    else:
+        (sft if spec["objective"] == "sft" else train)(**kw)
     return run_dir
+
+
+def train_online(spec: dict, model: str, prompts: list, reward_fn, cfg: ExperimentConfig, run_dir: Path) -> Path:
+    """Online RL (RLOO) on the training prompts with the true reward (reused when finished)."""
+    from ..generate import as_messages
+    from ..online import OnlineConfig, rloo
+
+    prompts = [as_messages(p) if cfg.chat and isinstance(p, str) else p for p in prompts]
+    online = OnlineConfig(model=model, output_dir=str(run_dir), kl_coef=spec["beta"], steps=cfg.online_steps,
+                          prompts_per_step=cfg.online_prompts_per_step, num_samples=cfg.online_samples,
+                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, lr=cfg.online_lr,
+                          seed=cfg.seed, device=cfg.device, progress=cfg.progress)
+    if reusable(run_dir, dataclasses.asdict(online)):
+        return run_dir
+    return rloo(online, prompts, reward_fn)
 
 
 def reusable(run_dir: Path, kw: dict) -> bool:
@@ -448,6 +500,8 @@ def active_prompts(cfg, beta: float, policy: str, ref, pairs: Path, indices: lis
 def finish(cfg, ctx: dict, points: list[dict], start: float, title: str) -> dict:
     """results.json, frontier.png, report.html and the terminal summary."""
     from ..report import build_report, table
+    from ..metrics import print_table
+    from .claims import CLAIM_COLUMNS, claim_rows, paper_claims
     from .frontier import examples_section, frontier_png, frontier_section, print_summary, results_section
 
     out = Path(cfg.output_dir)
@@ -458,18 +512,28 @@ def finish(cfg, ctx: dict, points: list[dict], start: float, title: str) -> dict
     meta = {"eval_prompts": len(ctx["eval_prompts"]), "eval_samples": cfg.eval_samples, "reward": reward_name,
             "reference_samples": ctx["reference_samples"]}
     settings = [[k, str(v)] for k, v in dataclasses.asdict(cfg).items()]
-    timing_rows = [[k, f"{v:.1f}"] for k, v in ctx["timings"].items()] + [["total", f"{seconds:.1f}"]]
+    cpu = ctx.get("cpu_seconds", {})
+    timing_rows = [[k, f"{v:.1f}", f"{cpu.get(k, 0.0):.1f}"] for k, v in ctx["timings"].items()]
+    timing_rows.append(["total", f"{seconds:.1f}", f"{time.process_time():.1f} (process)"])
+    claims = paper_claims(points)
+    claims_html = ("<p>Fixed before the run (dpolab/experiments/claims.py): DPO's curve interpolated at the other "
+                   "policy's KL; 95% intervals of reward differences from the two points' SEs.</p>"
+                   + table(CLAIM_COLUMNS, claim_rows(claims)))
     sections = [
         ("Reward vs KL frontier", frontier_section(png)),
+        ("The paper's claims on this run", claims_html),
         ("Results", results_section(points, meta)),
         ("Examples: held-out prompts before and after", examples_section(ctx["eval_prompts"], points)),
-        ("Settings and timings", table(["option", "value"], settings) + table(["stage", "seconds"], timing_rows)),
+        ("Settings and timings", table(["option", "value"], settings) + table(["stage", "wall seconds", "CPU seconds"], timing_rows)),
     ]
     report = build_report([str(d) for d in ctx["run_dirs"]], out / "report.html", sections, title=title)
     results = {"title": title, "seconds": round(seconds, 1), "reference": ctx["reference"], "train_pairs": ctx["train_pairs"],
-               "heldout_pairs": ctx["heldout_pairs"], "timings": ctx["timings"], "points": points,
+               "heldout_pairs": ctx["heldout_pairs"], "timings": ctx["timings"], "cpu_seconds": cpu,
+               "process_cpu_seconds": round(time.process_time(), 1), "claims": claims, "points": points,
                "config": dataclasses.asdict(cfg), "report": str(report), "frontier": str(out / "frontier.png")}
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print_summary(points, f"{title}: {ctx['train_pairs']} training pairs, {meta['eval_prompts']} held-out prompts",
                   f"report: {report}\nfrontier: {out / 'frontier.png'}\ntotal time: {seconds / 60:.1f} min")
+    if claims:
+        print_table("The DPO paper's claims on this run", CLAIM_COLUMNS, claim_rows(claims))
     return results

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dpolab.experiments.sentiment import ExperimentConfig, SweepConfig, check, run, split_prompts, sweep, sweep_values
+from dpolab.experiments.sentiment import (ExperimentConfig, SweepConfig, best_of, betas, check, kl_coefs, run, split_prompts,
+                                          sweep, sweep_values)
 
 # The tiny random model writes gibberish, so VADER would score nearly everything 0 (all ties):
 # the length reward gives these tests a reward that varies.
@@ -16,6 +17,10 @@ TINY = dict(train_prompts=12, eval_prompts=3, num_samples=4, max_new_tokens=8, s
             sft_lr=1e-3, best_of="4", eval_samples=2, reward="length", reward_target_length=3, progress=False,
             gen_batch_size=32, device="cpu")
 TINY_NO_BON = {k: v for k, v in TINY.items() if k != "best_of"}
+# online RL at two KL coefficients and every trained baseline, on the tiny model
+FULL = dict(betas="0.1,0.5", rounds=2, active=True, active_fraction=0.5, sft_steps=1, online_kl_coefs="0.05,0.5",
+            online_steps=2, online_prompts_per_step=2, online_samples=2, online_lr=1e-3,
+            baselines="preferred-ft,unlikelihood,ipo,cdpo")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -25,8 +30,7 @@ def experiment(tiny_model_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("experiment")
     sft_data = write_toy_pairs(out / "sft.jsonl", 8)
-    results = run(model=str(tiny_model_dir), output_dir=str(out), betas="0.1,0.5", rounds=2, active=True,
-                  active_fraction=0.5, sft_data=str(sft_data), sft_steps=1, **TINY)
+    results = run(model=str(tiny_model_dir), output_dir=str(out), sft_data=str(sft_data), **FULL, **TINY)
     return out, results
 
 
@@ -35,7 +39,8 @@ def test_experiment_writes_report_frontier_and_results(experiment):
     assert (out / "frontier.png").read_bytes().startswith(PNG)
     html = (out / "report.html").read_text()
     for text in ("Reward vs KL frontier", "data:image/png;base64,", "Examples: held-out prompts", "Preferred-FT",
-                 "best-of-4", "Training curves"):
+                 "best-of-4", "Training curves", "The paper&#x27;s claims on this run", "RLOO kl=0.05", "Unlikelihood",
+                 "CPU seconds"):
         assert text in html
     on_disk = json.loads((out / "results.json").read_text())
     assert [p["name"] for p in on_disk["points"]] == [p["name"] for p in results["points"]]
@@ -47,13 +52,15 @@ def test_every_policy_and_baseline_is_a_point(experiment):
     for p in results["points"]:
         kinds.setdefault(p["kind"], []).append(p)
         assert math.isfinite(p["reward"]) and math.isfinite(p["kl"])
-    assert sorted(kinds) == ["best-of-n", "cdpo", "dpo", "dpo-round", "ipo", "preferred-ft", "reference"]
+    assert sorted(kinds) == ["best-of-n", "cdpo", "dpo", "dpo-round", "ipo", "preferred-ft", "reference", "rloo",
+                             "unlikelihood"]
+    assert sorted(p["beta"] for p in kinds["rloo"]) == [0.05, 0.5]
     assert sorted(p["beta"] for p in kinds["dpo"]) == [0.1, 0.5]
     (bon,) = kinds["best-of-n"]
     assert bon["kl"] == pytest.approx(math.log(4) - 3 / 4) and bon["kl_from"] == "bound"
     (ref,) = kinds["reference"]
     assert ref["kl"] == 0 and ref["win_rate"] == 0.5
-    for p in kinds["dpo"] + kinds["ipo"] + kinds["cdpo"]:
+    for p in kinds["dpo"] + kinds["ipo"] + kinds["cdpo"] + kinds["rloo"]:
         assert p["kl_from"] == "samples" and 0 <= p["accuracy"] <= 1 and 0 <= p["win_rate"] <= 1
 
 
@@ -90,8 +97,7 @@ def test_optional_sft_stage_becomes_the_reference(experiment):
 
 def test_rerun_reuses_finished_stages(experiment, tiny_model_dir):
     out, first = experiment
-    again = run(model=str(tiny_model_dir), output_dir=str(out), betas="0.1,0.5", rounds=2, active=True,
-                active_fraction=0.5, sft_data=str(out / "sft.jsonl"), sft_steps=1, **TINY)
+    again = run(model=str(tiny_model_dir), output_dir=str(out), sft_data=str(out / "sft.jsonl"), **FULL, **TINY)
     assert [p["reward"] for p in again["points"]] == [p["reward"] for p in first["points"]]
     with pytest.raises(ValueError, match="holds a run with other settings"):
         run(model=str(tiny_model_dir), output_dir=str(out), betas="0.1", sft_data=str(out / "sft.jsonl"), sft_steps=1,
@@ -132,6 +138,46 @@ def test_demo_config_parses():
     from dpolab.config import resolve
     from tests.conftest import REPO
 
-    cfg = resolve(ExperimentConfig, config=str(REPO / "examples" / "demo.yaml"))
-    check(cfg)
-    assert cfg.model == "default" and cfg.name == "sentiment"
+    for name in ("demo.yaml", "paper.yaml"):
+        cfg = resolve(ExperimentConfig, config=str(REPO / "examples" / name))
+        check(cfg)
+        assert cfg.model == "default" and cfg.name == "sentiment"
+        assert min(len(betas(cfg)), len(kl_coefs(cfg)), len(best_of(cfg))) >= 3  # three curves of >= 3 points
+
+
+@pytest.mark.slow
+def test_demo_config_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, capsys):
+    """examples/demo.yaml with only its sizes shrunk: every curve of the figure has >= 3 points,
+    the terminal shows the results table and the claims table, results.json records both."""
+    from dpolab.config import resolve
+    from dpolab.experiments.claims import CLAIM_COLUMNS
+    from dpolab.experiments.frontier import COLUMNS
+    from tests.conftest import REPO
+
+    sizes = {k: v for k, v in TINY.items() if k != "best_of"}
+    cfg = resolve(ExperimentConfig, config=str(REPO / "examples" / "demo.yaml"), **{
+        **sizes, "model": str(tiny_model_dir), "output_dir": str(tmp_path), "online_steps": 2,
+        "online_prompts_per_step": 2, "online_samples": 2, "min_gap": 0.0})
+    results = run(cfg)
+    shown = capsys.readouterr().out
+    curves = {}
+    for p in results["points"]:
+        curves.setdefault(p["kind"], []).append(p)
+    for kind in ("dpo", "rloo", "best-of-n"):
+        assert len(curves[kind]) >= 3, kind
+    assert {"reference", "preferred-ft"} <= set(curves)
+    for column in COLUMNS + CLAIM_COLUMNS:
+        assert column in shown
+    for p in results["points"]:
+        assert p["name"] in shown
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert [c["claim"] for c in on_disk["claims"]][:2] == [
+        "DPO reaches more reward than online RL (RLOO) at equal KL",
+        "DPO beta: a smaller coefficient gives more KL and more reward"]
+    for claim in on_disk["claims"]:
+        assert claim["verdict"] in ("held", "did not hold", "inconclusive")
+        for comparison in claim["comparisons"]:
+            low, high = comparison["ci"]
+            assert low <= comparison["difference"] <= high
+    assert on_disk["config"]["seed"] == cfg.seed and on_disk["cpu_seconds"]
+    assert (tmp_path / "frontier.png").read_bytes().startswith(PNG)

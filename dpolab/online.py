@@ -1,0 +1,130 @@
+"""Online RL with a KL-penalised reward: the DPO paper's PPO baseline, run with TRL's RLOO.
+
+The paper's controlled-sentiment baseline is PPO with the true reward ("PPO-GT") and the
+KL-penalised objective  max_pi E_{x, y~pi}[ r(x, y) ] - kl_coef * KL(pi || pi_ref),
+whose optimum is pi*(y|x) ∝ pi_ref(y|x) exp(r(x, y) / kl_coef) (Rafailov et al. 2023, Eq. 4).
+
+dpolab does not hand-write it: TRL's `RLOOTrainer` (Ahmadian et al. 2024, "Back to Basics:
+Revisiting REINFORCE Style Optimization for Learning from Human Feedback") runs on CPU with
+our reward callables and optimises exactly that objective: each step samples K completions
+per prompt from the current policy, shapes the reward as
+
+    r~(x, y_k) = r(x, y_k) - kl_coef * (log pi(y_k|x) - log pi_ref(y_k|x))     (sequence level)
+
+takes the leave-one-out baseline  A_k = r~_k - mean_{j != k} r~_j  as the advantage, and
+updates with PPO's clipped surrogate (one update per batch here, so the ratio is 1 and the
+update is REINFORCE with that baseline). PPO proper would add a learned value head; RLOO
+replaces it by the K-sample baseline, which Ahmadian et al. found as good or better.
+
+Wiring only lives here: prompts in, a `final/` model out in dpolab's layout (final/,
+config.yaml, metrics.jsonl), so the experiment measures it like every other policy.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .config import opt
+
+# TRL's log keys -> dpolab's metrics.jsonl keys (the report draws these curves)
+LOG_KEYS = {"loss": "loss", "reward": "reward", "kl": "kl", "entropy": "entropy", "grad_norm": "grad_norm",
+            "learning_rate": "lr", "completions/mean_length": "completion_length"}
+
+
+@dataclass
+class OnlineConfig:
+    """Online RL (RLOO, KL-penalised true reward) from a model on a list of prompts."""
+
+    model: str = opt("default", "Policy and reference: 'default', a checkpoint dir or a hub id.")
+    output_dir: str = opt("runs/rloo", "Run directory: final/, config.yaml, metrics.jsonl.")
+    kl_coef: float = opt(0.1, "KL coefficient (TRL's beta): the reward is r - kl_coef * (log pi - log pi_ref).")
+    steps: int = opt(16, "Optimizer steps; each samples prompts_per_step x num_samples fresh completions.")
+    prompts_per_step: int = opt(4, "Prompts per optimizer step.")
+    num_samples: int = opt(4, "K: completions per prompt (the leave-one-out baseline uses the other K - 1).")
+    max_new_tokens: int = opt(16, "Tokens per completion at most.")
+    temperature: float = opt(1.0, "Sampling temperature.")
+    lr: float = opt(1e-5, "Peak learning rate (AdamW, linear decay).")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm.")
+    seed: int = opt(0, "Seed of prompt order, sampling and initialisation.")
+    device: str = opt("auto", "auto | cpu | cuda.")
+    progress: bool = opt(True, "Show TRL's progress bar.")
+
+
+def rloo(cfg: OnlineConfig, prompts: list, reward_fn) -> Path:
+    """Train with RLOO and save <output_dir>/final; returns the run directory.
+
+    prompts: text prompts (continued as text) or chat message lists; reward_fn: dpolab's
+    `f(prompts, completions) -> list[float]` (dpolab.rewards), given the prompt text.
+    """
+    import torch
+    from datasets import Dataset
+    from trl import RLOOTrainer
+
+    from .generate import prompt_text
+    from .models import load_model, load_tokenizer
+
+    check(cfg, prompts)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(_yaml(asdict(cfg)), encoding="utf-8")
+
+    def reward(prompts, completions, **_):  # TRL passes extra columns as keywords
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        return [float(r) for r in reward_fn([prompt_text(p) for p in prompts], texts)]
+
+    reward.__name__ = "reward"  # TRL names its logged reward column after the function
+    use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model)
+    trainer = RLOOTrainer(model=model, reward_funcs=reward, args=trl_args(cfg, use_cpu), processing_class=tokenizer,
+                          train_dataset=Dataset.from_dict({"prompt": list(prompts)}))
+    trainer.train()
+    trainer.save_model(str(out / "final"))
+    tokenizer.save_pretrained(str(out / "final"))
+    write_metrics(out / "metrics.jsonl", trainer.state.log_history)
+    return out
+
+
+def check(cfg: OnlineConfig, prompts: list) -> None:
+    checks = [
+        (cfg.kl_coef > 0, "kl_coef must be > 0 (0 would drop the reference: no KL constraint)"),
+        (cfg.num_samples >= 2, "num_samples must be >= 2 (the leave-one-out baseline needs another sample)"),
+        (cfg.steps >= 1 and cfg.prompts_per_step >= 1, "steps and prompts_per_step must be >= 1"),
+        (len(prompts) >= cfg.prompts_per_step, f"{len(prompts)} prompts, fewer than prompts_per_step {cfg.prompts_per_step}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def trl_args(cfg: OnlineConfig, use_cpu: bool):
+    """TRL's config: one generation batch per optimizer step, one update per batch, no extras
+    (no advantage normalisation, no reward scaling: the objective stays the paper's). TRL turns
+    activation checkpointing on by default; a small model on CPU only pays its extra forward."""
+    from trl import RLOOConfig
+
+    return RLOOConfig(
+        output_dir=str(Path(cfg.output_dir) / "trl"), use_cpu=use_cpu, bf16=False, seed=cfg.seed, data_seed=cfg.seed,
+        per_device_train_batch_size=cfg.prompts_per_step * cfg.num_samples, num_generations=cfg.num_samples,
+        max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0, top_k=0,
+        max_steps=cfg.steps, learning_rate=cfg.lr, lr_scheduler_type="linear", warmup_steps=0,
+        max_grad_norm=cfg.max_grad_norm, beta=cfg.kl_coef, num_iterations=1, normalize_advantages=False,
+        logging_steps=1, save_strategy="no", activation_checkpointing=False, report_to=[], disable_tqdm=not cfg.progress,
+        log_completions=False, dataloader_num_workers=0)
+
+
+def write_metrics(path: Path, log_history: list[dict]) -> None:
+    """TRL's per-step logs as dpolab metrics.jsonl lines (`dpolab report` draws them)."""
+    lines = []
+    for i, entry in enumerate(e for e in log_history if "reward" in e):
+        values = {ours: float(entry[theirs]) for theirs, ours in LOG_KEYS.items() if theirs in entry}
+        lines.append(json.dumps({"step": entry.get("step", i + 1), "split": "train", **values}))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _yaml(values: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(values, sort_keys=False)
