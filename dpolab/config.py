@@ -79,7 +79,16 @@ class CommonConfig:
 class TrainConfig(CommonConfig):
     """`dpolab train`: the DPO family on preference pairs."""
 
-    loss: str = opt("sigmoid", "Loss: sigmoid (DPO) | cdpo | robust | ipo | hinge | simpo | orpo | rdpo | nca_pair | bco_pair | apo_zero.")
+    loss: str = opt("sigmoid", "Loss: sigmoid (DPO) | cdpo | robust | ipo | hinge | simpo | orpo | rdpo | nca_pair | bco_pair | apo_zero | "
+                               "apo_down | exo_pair | sppo_hard | discopop | aot | aot_unpaired | sft; comma-separated names "
+                               "are summed with loss_weights (MPO: sigmoid,bco_pair,sft with 0.8,0.2,1.0).")
+    loss_weights: str = opt("", "Comma-separated weights of a combined loss, one per name (empty = all 1).")
+    f_divergence: str = opt("reverse_kl", "f-DPO divergence: reverse_kl (DPO) | forward_kl | js_divergence | alpha_divergence "
+                                          "(losses of the margin only: sigmoid, cdpo, robust, ipo, hinge, exo_pair, discopop).")
+    f_alpha: float = opt(0.5, "alpha of alpha_divergence as in the f-DPO paper (0: reverse KL, 1: forward KL; TRL's coefficient is 1 - alpha).")
+    discopop_tau: float = opt(0.05, "DiscoPOP temperature tau.")
+    ipo_average_logps: bool = opt(False, "IPO on per-token mean log-ratios (TRL's convention); default: summed, as in the IPO paper.")
+    sft_token_weighted: bool = opt(False, "SFT/RPO NLL as one mean over all chosen tokens of the batch (TRL's convention); default: per-pair mean.")
     beta: float = opt(0.1, "KL strength beta (ORPO: lambda).")
     label_smoothing: float = opt(0.0, "eps for cdpo / robust: assumed label-flip rate.")
     gamma: float = opt(0.5, "SimPO target reward margin.")
@@ -165,10 +174,19 @@ def validate(cfg) -> None:
         (not has("scheduler") or cfg.scheduler in ("linear", "cosine", "constant"), "scheduler must be linear, cosine or constant"),
         (not has("bf16") or cfg.bf16 in ("auto", "true", "false"), "bf16 must be auto, true or false"),
         (not has("eval_fraction") or 0 <= cfg.eval_fraction < 1, "eval_fraction must be in [0, 1)"),
+        (not has("loss_weights") or _floats(cfg.loss_weights) is not None, "loss_weights must be comma-separated numbers"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+
+
+def _floats(text: str) -> tuple[float, ...] | None:
+    """'0.8, 0.2,1' -> (0.8, 0.2, 1.0); '' -> (); None when a part is not a number."""
+    try:
+        return tuple(float(x) for x in str(text).split(",")) if str(text).strip() else ()
+    except ValueError:
+        return None
 
 
 def save(cfg, path: Path) -> None:

@@ -27,7 +27,7 @@ from . import checkpoint
 from .config import SFTConfig, TrainConfig, resolve, save as save_config
 from .data import load_pairs, split_eval
 from .data.collate import Layout, batch_tokens, collate, collate_pairs, to_device
-from .losses import REFERENCE_FREE, LossParams, PairLogps, compute_loss
+from .losses import LossParams, PairLogps, compute_loss, needs_reference
 from .logprobs import forward_logps, pair_logps, sequence_logps
 from .metrics import MetricsLogger
 from .models import add_lora, bf16_supported, cache_dir, load_model, load_tokenizer, resolve_model_path
@@ -70,7 +70,7 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     pairs, train_idx, eval_idx = load_data(cfg, run)
     policy = build_policy(cfg, run)
     reference = build_reference(cfg, run)
-    params = LossParams(cfg.beta, cfg.label_smoothing, cfg.gamma, cfg.alpha, cfg.sft_weight)
+    params = loss_params(cfg)
 
     def objective(model, batch):
         return dpo_objective(cfg.loss, params, model, reference, batch, run)
@@ -114,6 +114,19 @@ def _after_sft_stage(cfg: TrainConfig) -> TrainConfig:
 
 
 # ----------------------------------------------------------------------------- objectives
+def loss_params(cfg: TrainConfig) -> LossParams:
+    """The loss hyper-parameters of a train config (TRL conventions that differ are warned about once)."""
+    from .config import _floats
+    from .conventions import warn_trl_conventions
+
+    warn_trl_conventions(cfg)
+    return LossParams(
+        cfg.beta, cfg.label_smoothing, cfg.gamma, cfg.alpha, cfg.sft_weight, f_divergence=cfg.f_divergence,
+        f_alpha=cfg.f_alpha, discopop_tau=cfg.discopop_tau, loss_weights=_floats(cfg.loss_weights),
+        ipo_average_logps=cfg.ipo_average_logps, sft_token_weighted=cfg.sft_token_weighted,
+    )
+
+
 def dpo_objective(loss_name: str, params: LossParams, model, reference, batch: dict, run: Run):
     """Pair batch -> (per-pair losses (B,), stats of shape (B,)) for any loss of the family."""
     half = batch["lengths"].shape[0] // 2
@@ -234,7 +247,7 @@ def build_policy(cfg, run: Run):
 def build_reference(cfg: TrainConfig, run: Run):
     """None (reference-free), "adapter" (LoRA base), "initial" (the policy itself before its
     first step, for --precompute-ref: no second copy is loaded) or a frozen model."""
-    if cfg.loss in REFERENCE_FREE:
+    if not needs_reference(cfg.loss):
         return None
     if cfg.ref_model:
         return _frozen(cfg.ref_model, cfg, run)

@@ -52,7 +52,8 @@ def test_first_step_loss_is_ln2_and_training_learns(tiny_model_dir, toy_data, tm
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_every_loss_trains(tiny_model_dir, toy_data, tmp_path, loss):
-    result = run(tiny_model_dir, toy_data, tmp_path / loss, loss=loss, max_steps=2)
+    extra = {"exo_pair": dict(label_smoothing=1e-3)}.get(loss, {})  # EXO is infinite at eps = 0
+    result = run(tiny_model_dir, toy_data, tmp_path / loss, loss=loss, max_steps=2, **extra)
     losses = train_losses(result)
     assert all(math.isfinite(v) for v in losses)
     if loss in ("sigmoid", "cdpo", "robust", "rdpo") and loss not in REFERENCE_FREE:
@@ -62,6 +63,19 @@ def test_every_loss_trains(tiny_model_dir, toy_data, tmp_path, loss):
     before = load_file(str(tiny_model_dir / "model.safetensors"))
     after = weights(tmp_path / loss)
     assert any(not torch.equal(before[k], after[k]) for k in after)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(loss="sigmoid,bco_pair,sft", loss_weights="0.8,0.2,1.0"),  # MPO
+    dict(loss="sigmoid", f_divergence="js_divergence"),
+    dict(loss="ipo", ipo_average_logps=True, sft_weight=0.1, sft_token_weighted=True),
+])
+def test_combined_losses_and_conventions_train(tiny_model_dir, toy_data, tmp_path, kw):
+    result = run(tiny_model_dir, toy_data, tmp_path / "r", max_steps=2, **kw)
+    losses = train_losses(result)
+    assert all(math.isfinite(v) for v in losses)
+    if kw.get("f_divergence") == "js_divergence":  # policy == reference: scores equal, ln 2 as DPO
+        assert losses[0] == pytest.approx(LN2, abs=1e-6)
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, toy_data, tmp_path):
