@@ -89,6 +89,10 @@ class TrainConfig(CommonConfig):
     discopop_tau: float = opt(0.05, "DiscoPOP temperature tau.")
     ipo_average_logps: bool = opt(False, "IPO on per-token mean log-ratios (TRL's convention); default: summed, as in the IPO paper.")
     sft_token_weighted: bool = opt(False, "SFT/RPO NLL as one mean over all chosen tokens of the batch (TRL's convention); default: per-pair mean.")
+    wpo: bool = opt(False, "WPO: weight each pair's loss by exp(mean token log-prob) of chosen times rejected under the policy (detached).")
+    ld_alpha: float = opt(1.0, "LD-DPO: weight of the log-probs of the longer completion's tokens beyond the shorter one's length (1 = off, 0 = ignore the tail).")
+    sync_ref_every: int = opt(0, "TR-DPO: every N steps the reference becomes ref_mix_alpha * policy + (1 - ref_mix_alpha) * reference (0 = off).")
+    ref_mix_alpha: float = opt(0.6, "TR-DPO mixing weight of the policy when the reference is synchronised (1 = hard copy).")
     beta: float = opt(0.1, "KL strength beta (ORPO: lambda).")
     label_smoothing: float = opt(0.0, "eps for cdpo / robust: assumed label-flip rate.")
     gamma: float = opt(0.5, "SimPO target reward margin.")
@@ -175,6 +179,13 @@ def validate(cfg) -> None:
         (not has("bf16") or cfg.bf16 in ("auto", "true", "false"), "bf16 must be auto, true or false"),
         (not has("eval_fraction") or 0 <= cfg.eval_fraction < 1, "eval_fraction must be in [0, 1)"),
         (not has("loss_weights") or _floats(cfg.loss_weights) is not None, "loss_weights must be comma-separated numbers"),
+        (not has("ld_alpha") or 0 <= cfg.ld_alpha <= 1, "ld_alpha must be in [0, 1]"),
+        (not has("ld_alpha") or cfg.ld_alpha == 1 or not cfg.precompute_ref,
+         "ld_alpha < 1 needs per-token reference log-probs: drop --precompute-ref"),
+        (not has("sync_ref_every") or cfg.sync_ref_every >= 0, "sync_ref_every must be >= 0"),
+        (not has("ref_mix_alpha") or 0 < cfg.ref_mix_alpha <= 1, "ref_mix_alpha must be in (0, 1]"),
+        (not has("sync_ref_every") or not cfg.sync_ref_every or not (cfg.lora or cfg.precompute_ref),
+         "sync_ref_every (TR-DPO) needs a separate reference model: not with --lora or --precompute-ref"),
     ]
     for ok, message in checks:
         if not ok:

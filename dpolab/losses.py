@@ -85,6 +85,7 @@ class LossParams:
     loss_weights: tuple[float, ...] = ()  # weights of a combined loss "a,b,c" (empty = all 1)
     ipo_average_logps: bool = False  # IPO on per-token mean log-ratios (TRL's convention) instead of sums
     sft_token_weighted: bool = False  # SFT/RPO NLL averaged over the batch's tokens (TRL) instead of per pair
+    wpo: bool = False  # WPO: weight each pair's loss by its (detached) probability under the policy
 
     def __post_init__(self) -> None:
         # beta divides in IPO and scales every reward; zero or negative beta is never meant.
@@ -473,6 +474,20 @@ def needs_reference(name: str) -> bool:
     return any(n not in REFERENCE_FREE for n in loss_names(name))
 
 
+def wpo_weights(x: PairLogps) -> Tensor:
+    """WPO pair weights exp(pc/|y_w|) * exp(pr/|y_l|), (B,), detached.
+
+    Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization", Eq. 2-3 with
+    the length-normalised sequence probability: pairs the current policy would itself produce
+    weigh more, which turns off-policy preference data into an estimate of on-policy learning.
+    Not the paper's "weight alignment" variant (token probabilities divided by sum_v p_v^2),
+    which TRL's use_weighting computes from the full softmax.
+    """
+    mean_w = _mean_logps(x.policy_chosen_logps, x.chosen_lengths)
+    mean_l = _mean_logps(x.policy_rejected_logps, x.rejected_lengths)
+    return torch.exp(mean_w + mean_l).detach()
+
+
 def _check_spec(names: list[str], logps: PairLogps, params: LossParams) -> None:
     for name in names:
         if name not in LOSSES:
@@ -480,6 +495,8 @@ def _check_spec(names: list[str], logps: PairLogps, params: LossParams) -> None:
         if params.f_divergence != "reverse_kl" and name not in F_DIVERGENCE_LOSSES:
             raise ValueError(f"f_divergence {params.f_divergence!r} works only with "
                              f"{', '.join(sorted(F_DIVERGENCE_LOSSES))}; loss {name!r} needs reverse_kl")
+    if params.wpo and {"aot", "aot_unpaired"} & set(names):
+        raise ValueError("wpo weights pairs, but aot / aot_unpaired losses belong to sorted quantiles, not pairs")
     if params.loss_weights and len(params.loss_weights) != len(names):
         raise ValueError(f"{len(params.loss_weights)} loss_weights for {len(names)} losses ({', '.join(names)})")
     if needs_reference(",".join(names)) and (
@@ -498,7 +515,8 @@ def compute_loss(name: str, logps: PairLogps, params: LossParams) -> LossOutput:
     ``params.loss_weights`` (default all 1): TRL's list of loss types with weights; MPO
     (Wang et al. 2024, "Enhancing the Reasoning Ability of Multimodal Large Language Models
     via Mixed Preference Optimization") is "sigmoid,bco_pair,sft" with weights 0.8, 0.2, 1.0.
-    The rewards are those of the first component.
+    The rewards are those of the first component. With ``params.wpo`` the (combined) loss of
+    each pair is multiplied by :func:`wpo_weights`; the ``sft_weight`` term is not weighted.
 
     Returns (B,) losses and detached (B,) rewards; the caller reduces. Raises ValueError for an
     unknown name (listing the valid ones), for weights that do not match, for an f-divergence
@@ -513,6 +531,8 @@ def compute_loss(name: str, logps: PairLogps, params: LossParams) -> LossOutput:
         part = LOSSES[component](logps, params)
         losses = weight * part.losses if params.loss_weights else part.losses
         out = part._replace(losses=losses) if out is None else out._replace(losses=out.losses + losses)
+    if params.wpo:
+        out = out._replace(losses=out.losses * wpo_weights(logps))
     if params.sft_weight > 0:
         out = out._replace(losses=out.losses + params.sft_weight * _sft_nll(logps, params))
     return out

@@ -410,3 +410,18 @@ def test_combined_loss_checks_weights_names_and_reference():
     with pytest.raises(ValueError, match="reference"):
         compute_loss("simpo,sigmoid", pair(PC, PR, None, None), LossParams())
     assert compute_loss("simpo,sft", pair(PC, PR, None, None), LossParams()).losses.shape == (1,)
+
+
+def test_wpo_weights_pairs_by_mean_token_probability():
+    # mean token log-probs -2.1 and -1.9375: weight e^{-4.0375}
+    params = LossParams(beta=0.5, wpo=True)
+    out = compute_loss("sigmoid", pair(PC, PR, RC, RR), params)
+    assert out.losses.item() == pytest.approx(nls(1) * math.exp(-2.1 - 1.9375), rel=1e-12)
+    # the weight is a constant: the gradient is the weighted DPO gradient
+    pc = torch.tensor([PC], dtype=torch.float64, requires_grad=True)
+    x = PairLogps(pc, torch.tensor([PR], dtype=torch.float64), torch.tensor([RC], dtype=torch.float64),
+                  torch.tensor([RR], dtype=torch.float64), torch.tensor([5]), torch.tensor([8]))
+    compute_loss("sigmoid", x, params).losses.sum().backward()
+    assert pc.grad.item() == pytest.approx(-0.5 * sig(-1) * math.exp(-4.0375), rel=1e-12)
+    with pytest.raises(ValueError, match="quantiles"):
+        compute_loss("aot", pair(PC, PR, RC, RR), params)
