@@ -80,7 +80,7 @@ class TrainConfig(CommonConfig):
     """`dpolab train`: the DPO family on preference pairs."""
 
     loss: str = opt("sigmoid", "Loss: sigmoid (DPO) | cdpo | robust | ipo | hinge | simpo | orpo | rdpo | nca_pair | bco_pair | apo_zero | "
-                               "apo_down | exo_pair | sppo_hard | discopop | aot | aot_unpaired | sft; comma-separated names "
+                               "apo_down | exo_pair | sppo_hard | discopop | aot | aot_unpaired | sft | kto (unpaired data); comma-separated names "
                                "are summed with loss_weights (MPO: sigmoid,bco_pair,sft with 0.8,0.2,1.0).")
     loss_weights: str = opt("", "Comma-separated weights of a combined loss, one per name (empty = all 1).")
     f_divergence: str = opt("reverse_kl", "f-DPO divergence: reverse_kl (DPO) | forward_kl | js_divergence | alpha_divergence "
@@ -93,6 +93,8 @@ class TrainConfig(CommonConfig):
     ld_alpha: float = opt(1.0, "LD-DPO: weight of the log-probs of the longer completion's tokens beyond the shorter one's length (1 = off, 0 = ignore the tail).")
     sync_ref_every: int = opt(0, "TR-DPO: every N steps the reference becomes ref_mix_alpha * policy + (1 - ref_mix_alpha) * reference (0 = off).")
     ref_mix_alpha: float = opt(0.6, "TR-DPO mixing weight of the policy when the reference is synchronised (1 = hard copy).")
+    desirable_weight: float = opt(1.0, "KTO lambda_D: weight of desirable examples (--loss kto).")
+    undesirable_weight: float = opt(1.0, "KTO lambda_U: weight of undesirable examples (--loss kto).")
     beta: float = opt(0.1, "KL strength beta (ORPO: lambda).")
     label_smoothing: float = opt(0.0, "eps for cdpo / robust: assumed label-flip rate.")
     gamma: float = opt(0.5, "SimPO target reward margin.")
@@ -184,6 +186,10 @@ def validate(cfg) -> None:
          "ld_alpha < 1 needs per-token reference log-probs: drop --precompute-ref"),
         (not has("sync_ref_every") or cfg.sync_ref_every >= 0, "sync_ref_every must be >= 0"),
         (not has("ref_mix_alpha") or 0 < cfg.ref_mix_alpha <= 1, "ref_mix_alpha must be in (0, 1]"),
+        (not has("desirable_weight") or (cfg.desirable_weight > 0 and cfg.undesirable_weight > 0),
+         "desirable_weight and undesirable_weight must be > 0"),
+        (not has("loss", "precompute_ref", "wpo", "ld_alpha") or cfg.loss != "kto" or not (cfg.precompute_ref or cfg.wpo or cfg.ld_alpha != 1),
+         "--loss kto: its KL term pairs completions within each batch, so not with --precompute-ref, --wpo or --ld-alpha"),
         (not has("sync_ref_every") or not cfg.sync_ref_every or not (cfg.lora or cfg.precompute_ref),
          "sync_ref_every (TR-DPO) needs a separate reference model: not with --lora or --precompute-ref"),
     ]

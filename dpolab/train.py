@@ -26,12 +26,13 @@ import torch
 from . import checkpoint
 from .config import SFTConfig, TrainConfig, resolve, save as save_config
 from .data import load_pairs, split_eval
+from .data.unpaired import load_unpaired
 from .data.collate import Layout, batch_tokens, collate, collate_pairs, to_device
 from .losses import LossParams, PairLogps, compute_loss, needs_reference
 from .logprobs import forward_logps, sequence_logps
 from .metrics import MetricsLogger
 from .models import add_lora, bf16_supported, cache_dir, load_model, load_tokenizer, resolve_model_path
-from . import distributed, length_desensitize, reference as ref
+from . import distributed, kto, length_desensitize, reference as ref
 from . import safety
 
 
@@ -73,6 +74,8 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     params = loss_params(cfg)
 
     def objective(model, batch):
+        if cfg.loss == kto.NAME:  # unpaired data: its own objective (dpolab/kto.py)
+            return kto.objective((cfg.beta, cfg.desirable_weight, cfg.undesirable_weight), model, reference, batch, run)
         return dpo_objective(cfg.loss, params, model, reference, batch, run)
 
     sync = None
@@ -83,7 +86,10 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
         sync = reference_sync(cfg, run, reference)
 
     def make_batch(indices):
-        batch = collate_pairs([pairs[i] for i in indices], run.tokenizer.pad_token_id, Layout.from_config(cfg))
+        if cfg.loss == kto.NAME:
+            batch = kto.collate([pairs[i] for i in indices], run.tokenizer.pad_token_id, Layout.from_config(cfg), cfg.max_length)
+        else:
+            batch = collate_pairs([pairs[i] for i in indices], run.tokenizer.pad_token_id, Layout.from_config(cfg))
         batch["index"] = torch.tensor(indices)
         return to_device(batch, run.device)
 
@@ -229,11 +235,12 @@ def load_data(cfg, run: Run):
     )
     if not cfg.data:
         raise TrainingError("no training data: pass --data FILE")
+    load = load_unpaired if getattr(cfg, "loss", "") == kto.NAME else load_pairs  # KTO: unpaired examples
     with run.accelerator.local_main_process_first():  # one process per machine tokenises, the rest read its cache
-        train_pairs, report = load_pairs(cfg.data, run.tokenizer, **kw)
+        train_pairs, report = load(cfg.data, run.tokenizer, **kw)
     if cfg.eval_data:
         with run.accelerator.local_main_process_first():
-            eval_pairs, eval_report = load_pairs(cfg.eval_data, run.tokenizer, **kw)
+            eval_pairs, eval_report = load(cfg.eval_data, run.tokenizer, **kw)
         if run.accelerator.is_main_process:
             eval_report.write(run.output_dir / "eval_data_report.json")
     else:
