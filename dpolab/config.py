@@ -80,7 +80,8 @@ class TrainConfig(CommonConfig):
     """`dpolab train`: the DPO family on preference pairs."""
 
     loss: str = opt("sigmoid", "Loss: sigmoid (DPO) | cdpo | robust | ipo | hinge | simpo | orpo | rdpo | nca_pair | bco_pair | apo_zero | "
-                               "apo_down | exo_pair | sppo_hard | discopop | aot | aot_unpaired | sft | kto (unpaired data); comma-separated names "
+                               "apo_down | exo_pair | sppo_hard | discopop | aot | aot_unpaired | sft | kto (unpaired data) | plackett_luce "
+                               "(ranked lists); comma-separated names "
                                "are summed with loss_weights (MPO: sigmoid,bco_pair,sft with 0.8,0.2,1.0).")
     loss_weights: str = opt("", "Comma-separated weights of a combined loss, one per name (empty = all 1).")
     f_divergence: str = opt("reverse_kl", "f-DPO divergence: reverse_kl (DPO) | forward_kl | js_divergence | alpha_divergence "
@@ -188,8 +189,9 @@ def validate(cfg) -> None:
         (not has("ref_mix_alpha") or 0 < cfg.ref_mix_alpha <= 1, "ref_mix_alpha must be in (0, 1]"),
         (not has("desirable_weight") or (cfg.desirable_weight > 0 and cfg.undesirable_weight > 0),
          "desirable_weight and undesirable_weight must be > 0"),
-        (not has("loss", "precompute_ref", "wpo", "ld_alpha") or cfg.loss != "kto" or not (cfg.precompute_ref or cfg.wpo or cfg.ld_alpha != 1),
-         "--loss kto: its KL term pairs completions within each batch, so not with --precompute-ref, --wpo or --ld-alpha"),
+        (not has("loss", "precompute_ref", "wpo", "ld_alpha") or cfg.loss not in ("kto", "plackett_luce")
+         or not (cfg.precompute_ref or cfg.wpo or cfg.ld_alpha != 1),
+         "--loss kto / plackett_luce: not with --precompute-ref, --wpo or --ld-alpha (their batches are not pairs)"),
         (not has("sync_ref_every") or not cfg.sync_ref_every or not (cfg.lora or cfg.precompute_ref),
          "sync_ref_every (TR-DPO) needs a separate reference model: not with --lora or --precompute-ref"),
     ]

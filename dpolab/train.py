@@ -26,13 +26,14 @@ import torch
 from . import checkpoint
 from .config import SFTConfig, TrainConfig, resolve, save as save_config
 from .data import load_pairs, split_eval
+from .data.listwise import load_listwise
 from .data.unpaired import load_unpaired
 from .data.collate import Layout, batch_tokens, collate, collate_pairs, to_device
 from .losses import LossParams, PairLogps, compute_loss, needs_reference
 from .logprobs import forward_logps, sequence_logps
 from .metrics import MetricsLogger
 from .models import add_lora, bf16_supported, cache_dir, load_model, load_tokenizer, resolve_model_path
-from . import distributed, kto, length_desensitize, reference as ref
+from . import distributed, kto, length_desensitize, listwise, reference as ref
 from . import safety
 
 
@@ -76,6 +77,8 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     def objective(model, batch):
         if cfg.loss == kto.NAME:  # unpaired data: its own objective (dpolab/kto.py)
             return kto.objective((cfg.beta, cfg.desirable_weight, cfg.undesirable_weight), model, reference, batch, run)
+        if cfg.loss == listwise.NAME:  # several ranked responses per prompt (dpolab/listwise.py)
+            return listwise.objective(cfg.beta, model, reference, batch, run)
         return dpo_objective(cfg.loss, params, model, reference, batch, run)
 
     sync = None
@@ -88,6 +91,8 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     def make_batch(indices):
         if cfg.loss == kto.NAME:
             batch = kto.collate([pairs[i] for i in indices], run.tokenizer.pad_token_id, Layout.from_config(cfg), cfg.max_length)
+        elif cfg.loss == listwise.NAME:
+            batch = listwise.collate([pairs[i] for i in indices], run.tokenizer.pad_token_id, Layout.from_config(cfg))
         else:
             batch = collate_pairs([pairs[i] for i in indices], run.tokenizer.pad_token_id, Layout.from_config(cfg))
         batch["index"] = torch.tensor(indices)
@@ -235,7 +240,8 @@ def load_data(cfg, run: Run):
     )
     if not cfg.data:
         raise TrainingError("no training data: pass --data FILE")
-    load = load_unpaired if getattr(cfg, "loss", "") == kto.NAME else load_pairs  # KTO: unpaired examples
+    # KTO reads unpaired examples, the Plackett-Luce loss ranked lists; the rest pairs
+    load = {kto.NAME: load_unpaired, listwise.NAME: load_listwise}.get(getattr(cfg, "loss", ""), load_pairs)
     with run.accelerator.local_main_process_first():  # one process per machine tokenises, the rest read its cache
         train_pairs, report = load(cfg.data, run.tokenizer, **kw)
     if cfg.eval_data:

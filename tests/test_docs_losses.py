@@ -4,10 +4,12 @@ import re
 from pathlib import Path
 
 from dpolab.kto import NAME as KTO
+from dpolab.listwise import NAME as LISTWISE
 from dpolab.losses import LOSSES
 
-# every --loss name: the pair losses of the registry plus KTO (unpaired data, its own objective)
-NAMES = set(LOSSES) | {KTO}
+# every --loss name: the pair losses of the registry plus KTO (unpaired data) and the
+# Plackett-Luce loss (ranked lists), which have their own objectives
+NAMES = set(LOSSES) | {KTO, LISTWISE}
 
 ROOT = Path(__file__).resolve().parents[1]
 
