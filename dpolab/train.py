@@ -33,7 +33,7 @@ from .losses import LossParams, PairLogps, compute_loss, needs_reference
 from .logprobs import forward_logps, sequence_logps
 from .metrics import MetricsLogger
 from .models import add_lora, bf16_supported, cache_dir, load_model, load_tokenizer, resolve_model_path
-from . import distributed, kto, length_desensitize, listwise, reference as ref
+from . import displacement, distributed, kto, length_desensitize, listwise, reference as ref
 from . import safety
 
 
@@ -102,7 +102,9 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
         if sync is not None:
             sync(model, step, resumed)
 
-    return fit(run, policy, train_idx, eval_idx, objective, make_batch, on_prepared, on_step)
+    result = fit(run, policy, train_idx, eval_idx, objective, make_batch, on_prepared, on_step)
+    displacement.report_run(result, cfg, run.accelerator)  # chosen log-probs below the reference while the margin rises
+    return result
 
 
 def reference_sync(cfg: TrainConfig, run: Run, reference):
