@@ -83,7 +83,22 @@ class CommonConfig:
 class TrainConfig(CommonConfig):
     """`dpolab train`: the DPO family on preference pairs."""
 
-    loss: str = opt("sigmoid", "Loss of the DPO family (sigmoid = DPO).", names_from="dpolab.losses:LOSSES")
+    loss: str = opt("sigmoid", "Loss (sigmoid = DPO; kto: unpaired data; plackett_luce: ranked lists). Comma-separated names "
+                               "are summed with loss_weights (MPO: sigmoid,bco_pair,sft with 0.8,0.2,1.0).",
+                     names_from="dpolab.losses:ALL_NAMES")
+    loss_weights: str = opt("", "Comma-separated weights of a combined loss, one per name (empty = all 1).")
+    f_divergence: str = opt("reverse_kl", "f-DPO divergence: reverse_kl (DPO) | forward_kl | js_divergence | alpha_divergence "
+                                          "(losses of the margin only: sigmoid, cdpo, robust, ipo, hinge, exo_pair, discopop).")
+    f_alpha: float = opt(0.5, "alpha of alpha_divergence as in the f-DPO paper (0: reverse KL, 1: forward KL; TRL's coefficient is 1 - alpha).")
+    discopop_tau: float = opt(0.05, "DiscoPOP temperature tau.")
+    ipo_average_logps: bool = opt(False, "IPO on per-token mean log-ratios (TRL's convention); default: summed, as in the IPO paper.")
+    sft_token_weighted: bool = opt(False, "SFT/RPO NLL as one mean over all chosen tokens of the batch (TRL's convention); default: per-pair mean.")
+    wpo: bool = opt(False, "WPO: weight each pair's loss by exp(mean token log-prob) of chosen times rejected under the policy (detached).")
+    ld_alpha: float = opt(1.0, "LD-DPO: weight of the log-probs of the longer completion's tokens beyond the shorter one's length (1 = off, 0 = ignore the tail).")
+    sync_ref_every: int = opt(0, "TR-DPO: every N steps the reference becomes ref_mix_alpha * policy + (1 - ref_mix_alpha) * reference (0 = off).")
+    ref_mix_alpha: float = opt(0.6, "TR-DPO mixing weight of the policy when the reference is synchronised (1 = hard copy).")
+    desirable_weight: float = opt(1.0, "KTO lambda_D: weight of desirable examples (--loss kto).")
+    undesirable_weight: float = opt(1.0, "KTO lambda_U: weight of undesirable examples (--loss kto).")
     beta: float = opt(0.1, "KL strength beta (ORPO: lambda).")
     label_smoothing: float = opt(0.0, "eps for cdpo / robust: assumed label-flip rate.")
     gamma: float = opt(0.5, "SimPO target reward margin.")
@@ -202,13 +217,37 @@ def validate(cfg) -> None:
         (not has("scheduler") or cfg.scheduler in ("linear", "cosine", "constant"), "scheduler must be linear, cosine or constant"),
         (not has("bf16") or cfg.bf16 in ("auto", "true", "false"), "bf16 must be auto, true or false"),
         (not has("eval_fraction") or 0 <= cfg.eval_fraction < 1, "eval_fraction must be in [0, 1)"),
+        (not has("loss_weights") or _floats(cfg.loss_weights) is not None, "loss_weights must be comma-separated numbers"),
+        (not has("ld_alpha") or 0 <= cfg.ld_alpha <= 1, "ld_alpha must be in [0, 1]"),
+        (not has("ld_alpha") or cfg.ld_alpha == 1 or not cfg.precompute_ref,
+         "ld_alpha < 1 needs per-token reference log-probs: drop --precompute-ref"),
+        (not has("sync_ref_every") or cfg.sync_ref_every >= 0, "sync_ref_every must be >= 0"),
+        (not has("ref_mix_alpha") or 0 < cfg.ref_mix_alpha <= 1, "ref_mix_alpha must be in (0, 1]"),
+        (not has("desirable_weight") or (cfg.desirable_weight > 0 and cfg.undesirable_weight > 0),
+         "desirable_weight and undesirable_weight must be > 0"),
+        (not has("loss", "precompute_ref", "wpo", "ld_alpha") or cfg.loss not in ("kto", "plackett_luce")
+         or not (cfg.precompute_ref or cfg.wpo or cfg.ld_alpha != 1),
+         "--loss kto / plackett_luce: not with --precompute-ref, --wpo or --ld-alpha (their batches are not pairs)"),
+        (not has("sync_ref_every") or not cfg.sync_ref_every or not (cfg.lora or cfg.precompute_ref),
+         "sync_ref_every (TR-DPO) needs a separate reference model: not with --lora or --precompute-ref"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    for f in dataclasses.fields(cfg):  # fields naming an entry of a dict (the loss): known names only
-        if f.metadata.get("names_from") and getattr(cfg, f.name) not in (names := named(f.metadata["names_from"])):
-            raise ValueError(f"unknown {f.name} {getattr(cfg, f.name)!r}; choose one of: {', '.join(names)}")
+    for f in dataclasses.fields(cfg):  # fields naming entries of a dict (the loss): known names only
+        if f.metadata.get("names_from"):
+            names = named(f.metadata["names_from"])
+            unknown = [v.strip() for v in str(getattr(cfg, f.name)).split(",") if v.strip() not in names]
+            if unknown:
+                raise ValueError(f"unknown {f.name} {unknown[0]!r}; choose one of: {', '.join(names)}")
+
+
+def _floats(text: str) -> tuple[float, ...] | None:
+    """'0.8, 0.2,1' -> (0.8, 0.2, 1.0); '' -> (); None when a part is not a number."""
+    try:
+        return tuple(float(x) for x in str(text).split(",")) if str(text).strip() else ()
+    except ValueError:
+        return None
 
 
 def save(cfg, path: Path, notes: dict | None = None) -> None:

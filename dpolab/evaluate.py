@@ -144,6 +144,10 @@ def load_eval_pairs(source: str, tokenizer, cfg) -> list:
 
 
 def preference_eval(pair, cfg: EvalConfig) -> dict:
+    from .unpaired_eval import is_unpaired_source, unpaired_eval
+
+    if is_unpaired_source(cfg.data):  # KTO data: label accuracy instead of pair accuracy
+        return unpaired_eval(pair, cfg)
     pairs = load_eval_pairs(cfg.data, pair.tokenizer, cfg)
     chosen_rewards, rejected_rewards = pair_rewards(pair, pairs, cfg.beta, cfg.batch_size, cfg.packing)
     return {"data": cfg.data, **accuracy_summary(chosen_rewards, rejected_rewards, cfg.ci, cfg.n_boot, cfg.seed)}
@@ -255,7 +259,11 @@ def result_rows(result: dict) -> list[tuple[str, str]]:
     """(metric, value) rows of an eval.json, shared by the terminal table and the HTML report."""
     rows = [("model", str(result.get("model"))), ("reference", str(result.get("reference"))), ("beta", f"{result.get('beta')}")]
     pref = result.get("preference")
-    if pref:
+    if pref and "label_accuracy" in pref:  # unpaired (KTO) data
+        from .unpaired_eval import label_rows
+
+        rows += label_rows(pref)
+    elif pref:
         rows += [
             ("pairs", f"{pref['n']}  ({pref['correct']} right, {pref['ties']} ties, {pref['wrong']} wrong)"),
             ("preference accuracy", f"{pref['accuracy']:.3f}  [{pref['ci'][0]:.3f}, {pref['ci'][1]:.3f}] 95% {pref['ci_method']}"),

@@ -26,11 +26,12 @@ from .distributed import main_decides, rounds
 from .logprobs import pair_logps
 
 
-def reference_logps(policy, reference, batch: dict, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_logps(policy, reference, batch: dict, autocast, pair_fn=pair_logps) -> tuple[torch.Tensor, torch.Tensor]:
     """(reference_chosen_logps (B,), reference_rejected_logps (B,)) for a pair batch.
 
     `reference` is a model, the string "adapter" (LoRA base = reference), or a (N, 2)
-    tensor of cached values indexed by batch["index"].
+    tensor of cached values indexed by batch["index"]. `pair_fn(model, batch)` computes the
+    pair log-probs of a live model (LD-DPO passes its own).
     """
     if isinstance(reference, torch.Tensor):
         cached = reference[batch["index"].cpu()].to(batch["input_ids"].device)
@@ -43,10 +44,10 @@ def reference_logps(policy, reference, batch: dict, autocast) -> tuple[torch.Ten
             policy.eval()
             try:
                 with unwrap(policy).disable_adapter():
-                    return pair_logps(policy, batch)
+                    return pair_fn(policy, batch)
             finally:
                 policy.train(training)
-        return pair_logps(reference, batch)
+        return pair_fn(reference, batch)
 
 
 def unwrap(model):

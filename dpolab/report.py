@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import displacement
 from .config import opt, resolve
 
 CURVES = [  # (panel title, [(metric key, line style)])
@@ -77,6 +78,8 @@ def build_report(run_dirs, out_path, extra_sections=None, *, title: str = "dpola
         sections += [(f"Ranking: {r['name']}", rank_section(k)) for k in r["ranks"]]
         if r["tokens"]:
             sections.append((f"Reward attribution: {r['name']}", attribution_section(r["tokens"], examples)))
+        if (finding := displacement.detect(r["metrics"], r["config"])) is not None:
+            sections.append((f"Likelihood displacement: {r['name']}", displacement.section_html(finding)))
     sections += extras
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -221,6 +221,11 @@ def load_candidates(source: str, prompt_column: str = "prompt", response_column:
     first = rows[0][1]
     if response_column in first:
         return [_candidate_row(source, n, raw, prompt_column, response_column) for n, raw in rows]
+    if "completion" in first and "label" in first and "chosen" not in first:  # unpaired (KTO) rows
+        from .data.unpaired import normalise_unpaired
+
+        examples, _ = normalise_unpaired(rows, source, prompt_column)
+        return [(e.row, e.prompt, [_text(e.completion)]) for e in examples]
     if "chosen" in first and "rejected" in first:
         examples, _ = normalise(rows, source, prompt_column)
         return [(e.row, e.prompt, [_text(e.chosen), _text(e.rejected)]) for e in examples]

@@ -26,12 +26,14 @@ import torch
 from . import checkpoint
 from .config import SFTConfig, TrainConfig, prompt_limit, resolve, save as save_config
 from .data import load_pairs, split_eval
+from .data.listwise import load_listwise
+from .data.unpaired import load_unpaired
 from .data.collate import Layout, batch_tokens, collate, collate_pairs, to_device
-from .losses import REFERENCE_FREE, LossParams, PairLogps, compute_loss
-from .logprobs import forward_logps, pair_logps, sequence_logps
+from .losses import LossParams, PairLogps, compute_loss, needs_reference
+from .logprobs import forward_logps, sequence_logps
 from .metrics import MetricsLogger
 from .models import add_lora, bf16_supported, cache_dir, load_model, load_tokenizer, resolve_model_path
-from . import distributed, reference as ref
+from . import displacement, distributed, kto, length_desensitize, listwise, reference as ref
 from . import safety
 from .errors import TrainingError
 
@@ -67,21 +69,51 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     pairs, train_idx, eval_idx = load_data(cfg, run)
     policy = build_policy(cfg, run)
     reference = build_reference(cfg, run)
-    params = LossParams(cfg.beta, cfg.label_smoothing, cfg.gamma, cfg.alpha, cfg.sft_weight)
+    params = loss_params(cfg)
 
     def objective(model, batch):
+        if cfg.loss == kto.NAME:  # unpaired data: its own objective (dpolab/kto.py)
+            return kto.objective((cfg.beta, cfg.desirable_weight, cfg.undesirable_weight), model, reference, batch, run)
+        if cfg.loss == listwise.NAME:  # several ranked responses per prompt (dpolab/listwise.py)
+            return listwise.objective(cfg.beta, model, reference, batch, run)
         return dpo_objective(cfg.loss, params, model, reference, batch, run)
 
+    sync = None
+
     def on_prepared(model):  # the policy is wrapped / sharded now, and not yet resumed
-        nonlocal reference
+        nonlocal reference, sync
         reference = finish_reference(cfg, run, model, reference, pairs)
+        sync = reference_sync(cfg, run, reference)
 
     def make_batch(indices):
-        batch = collate_pairs([pairs[i] for i in indices], run.tokenizer.pad_token_id, Layout.from_config(cfg))
+        if cfg.loss == kto.NAME:
+            batch = kto.collate([pairs[i] for i in indices], run.tokenizer.pad_token_id, Layout.from_config(cfg), cfg.max_length)
+        elif cfg.loss == listwise.NAME:
+            batch = listwise.collate([pairs[i] for i in indices], run.tokenizer.pad_token_id, Layout.from_config(cfg))
+        else:
+            batch = collate_pairs([pairs[i] for i in indices], run.tokenizer.pad_token_id, Layout.from_config(cfg))
         batch["index"] = torch.tensor(indices)
         return to_device(batch, run.device)
 
-    return fit(run, policy, train_idx, eval_idx, objective, make_batch, on_prepared)
+    def on_step(model, step, resumed=False):  # TR-DPO, when on
+        if sync is not None:
+            sync(model, step, resumed)
+
+    result = fit(run, policy, train_idx, eval_idx, objective, make_batch, on_prepared, on_step)
+    displacement.report_run(result, cfg, run.accelerator)  # chosen log-probs below the reference while the margin rises
+    return result
+
+
+def reference_sync(cfg: TrainConfig, run: Run, reference):
+    """TR-DPO's ReferenceSync when --sync-ref-every is set (a separate, unsharded reference model), else None."""
+    if not cfg.sync_ref_every:
+        return None
+    if not isinstance(reference, torch.nn.Module) or distributed.is_sharded(run.accelerator):
+        raise TrainingError("--sync-ref-every (TR-DPO) needs a separate reference model on every process: "
+                            "not with a reference-free loss, --lora, --precompute-ref, FSDP or DeepSpeed")
+    from .ref_sync import ReferenceSync
+
+    return ReferenceSync(reference, cfg.sync_ref_every, cfg.ref_mix_alpha, run.output_dir, run.accelerator)
 
 
 def sft(cfg: SFTConfig | None = None, **overrides) -> dict:
@@ -111,16 +143,30 @@ def _after_sft_stage(cfg: TrainConfig) -> TrainConfig:
 
 
 # ----------------------------------------------------------------------------- objectives
+def loss_params(cfg: TrainConfig) -> LossParams:
+    """The loss hyper-parameters of a train config (TRL conventions that differ are warned about once)."""
+    from .config import _floats
+    from .conventions import warn_trl_conventions
+
+    warn_trl_conventions(cfg)
+    return LossParams(
+        cfg.beta, cfg.label_smoothing, cfg.gamma, cfg.alpha, cfg.sft_weight, f_divergence=cfg.f_divergence,
+        f_alpha=cfg.f_alpha, discopop_tau=cfg.discopop_tau, loss_weights=_floats(cfg.loss_weights),
+        ipo_average_logps=cfg.ipo_average_logps, sft_token_weighted=cfg.sft_token_weighted, wpo=cfg.wpo,
+    )
+
+
 def dpo_objective(loss_name: str, params: LossParams, model, reference, batch: dict, run: Run):
     """Pair batch -> (per-pair losses (B,), stats of shape (B,)) for any loss of the family."""
     half = batch["lengths"].shape[0] // 2
     # Reference first: with "adapter" it is a no-grad forward of the same (possibly FSDP-sharded)
     # module, which must not fall between the policy's forward and its backward.
+    pair_fn = length_desensitize.pair_fn(getattr(run.cfg, "ld_alpha", 1.0))  # pair_logps unless LD-DPO
     if reference is None:
         reference_chosen_logps = reference_rejected_logps = None
     else:
-        reference_chosen_logps, reference_rejected_logps = ref.reference_logps(model, reference, batch, run.autocast)
-    policy_chosen_logps, policy_rejected_logps = pair_logps(model, batch)
+        reference_chosen_logps, reference_rejected_logps = ref.reference_logps(model, reference, batch, run.autocast, pair_fn)
+    policy_chosen_logps, policy_rejected_logps = pair_fn(model, batch)
     logps = PairLogps(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
         batch["lengths"][:half].float(), batch["lengths"][half:].float(),
@@ -209,12 +255,14 @@ def load_data(cfg, run: Run):
     )
     if not cfg.data:
         raise TrainingError("no training data: pass --data FILE")
+    # KTO reads unpaired examples, the Plackett-Luce loss ranked lists; the rest pairs
+    load = {kto.NAME: load_unpaired, listwise.NAME: load_listwise}.get(getattr(cfg, "loss", ""), load_pairs)
     with run.accelerator.local_main_process_first():  # one process per machine tokenises, the rest read its cache
-        train_pairs, report = load_pairs(cfg.data, run.tokenizer, **kw)
+        train_pairs, report = load(cfg.data, run.tokenizer, **kw)
     train_pairs = train_pairs[: cfg.limit or None]  # a trial run: fewer pairs to train AND to evaluate on
     if cfg.eval_data:
         with run.accelerator.local_main_process_first():
-            eval_pairs, eval_report = load_pairs(cfg.eval_data, run.tokenizer, **kw)
+            eval_pairs, eval_report = load(cfg.eval_data, run.tokenizer, **kw)
         eval_pairs = eval_pairs[: cfg.limit or None]
         if run.accelerator.is_main_process:
             eval_report.write(run.output_dir / "eval_data_report.json")
@@ -258,7 +306,7 @@ def build_policy(cfg, run: Run):
 def build_reference(cfg: TrainConfig, run: Run):
     """None (reference-free), "adapter" (LoRA base), "initial" (the policy itself before its
     first step, for --precompute-ref: no second copy is loaded) or a frozen model."""
-    if cfg.loss in REFERENCE_FREE:
+    if not needs_reference(cfg.loss):
         return None
     if cfg.ref_model:
         return _frozen(cfg.ref_model, cfg, run)
@@ -302,7 +350,8 @@ def _frozen(path: str, cfg, run: Run):
 
 
 # ----------------------------------------------------------------------------- the loop
-def fit(run: Run, model, train_idx: list[int], eval_idx: list[int], objective, make_batch, on_prepared=None) -> dict:
+def fit(run: Run, model, train_idx: list[int], eval_idx: list[int], objective, make_batch, on_prepared=None,
+        on_step=None) -> dict:
     cfg, acc = run.cfg, run.accelerator
     world, per_step = acc.num_processes, cfg.batch_size * cfg.grad_accum * acc.num_processes
     steps_per_epoch = len(train_idx) // per_step
@@ -318,6 +367,8 @@ def fit(run: Run, model, train_idx: list[int], eval_idx: list[int], objective, m
     counters = {"step": 0, "bad_steps": 0, "global_batch": per_step}
     if cfg.resume and (last := distributed.main_decides(acc, lambda: checkpoint.latest(run.output_dir))):
         counters = resume(last, model, optimizer, scheduler, acc, counters)
+        if on_step is not None:  # e.g. TR-DPO restores the reference synchronised before this step
+            on_step(model, counters["step"], resumed=True)
     record_config(run)
     logger = MetricsLogger(run.output_dir, total, counters["step"], acc.is_main_process, cfg.progress)
     stop = safety.GracefulStop().install()  # SIGINT/SIGTERM: save at the next step boundary
@@ -330,6 +381,8 @@ def fit(run: Run, model, train_idx: list[int], eval_idx: list[int], objective, m
             start = time.perf_counter()
             stats = train_step(run, model, optimizer, scheduler, indices, objective, make_batch, counters)
             counters["step"] = step + 1
+            if on_step is not None:
+                on_step(model, counters["step"])
             stats = finish_stats(stats, time.perf_counter() - start, acc)
             if counters["step"] % cfg.log_every == 0 or counters["step"] == total:
                 logger.log(counters["step"], stats)

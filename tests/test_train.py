@@ -52,7 +52,8 @@ def test_first_step_loss_is_ln2_and_training_learns(tiny_model_dir, toy_data, tm
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_every_loss_trains(tiny_model_dir, toy_data, tmp_path, loss):
-    result = run(tiny_model_dir, toy_data, tmp_path / loss, loss=loss, max_steps=2)
+    extra = {"exo_pair": dict(label_smoothing=1e-3)}.get(loss, {})  # EXO is infinite at eps = 0
+    result = run(tiny_model_dir, toy_data, tmp_path / loss, loss=loss, max_steps=2, **extra)
     losses = train_losses(result)
     assert all(math.isfinite(v) for v in losses)
     if loss in ("sigmoid", "cdpo", "robust", "rdpo") and loss not in REFERENCE_FREE:
@@ -62,6 +63,19 @@ def test_every_loss_trains(tiny_model_dir, toy_data, tmp_path, loss):
     before = load_file(str(tiny_model_dir / "model.safetensors"))
     after = weights(tmp_path / loss)
     assert any(not torch.equal(before[k], after[k]) for k in after)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(loss="sigmoid,bco_pair,sft", loss_weights="0.8,0.2,1.0"),  # MPO
+    dict(loss="sigmoid", f_divergence="js_divergence"),
+    dict(loss="ipo", ipo_average_logps=True, sft_weight=0.1, sft_token_weighted=True),
+])
+def test_combined_losses_and_conventions_train(tiny_model_dir, toy_data, tmp_path, kw):
+    result = run(tiny_model_dir, toy_data, tmp_path / "r", max_steps=2, **kw)
+    losses = train_losses(result)
+    assert all(math.isfinite(v) for v in losses)
+    if kw.get("f_divergence") == "js_divergence":  # policy == reference: scores equal, ln 2 as DPO
+        assert losses[0] == pytest.approx(LN2, abs=1e-6)
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, toy_data, tmp_path):
@@ -191,3 +205,52 @@ def test_flush_denormal_is_set_for_the_run_and_switchable(tiny_model_dir, toy_da
     off = run(tiny_model_dir, toy_data, tmp_path / "off", max_steps=2, flush_denormal=False)
     assert denormal() > 0.0
     assert train_losses(on) == pytest.approx(train_losses(off), abs=1e-6)
+
+
+# ------------------------------------------------------------------ issue 15: loop options
+
+
+def test_tr_dpo_moves_the_reference_and_resumes_exactly(tiny_model_dir, toy_data, tmp_path):
+    kw = dict(max_steps=6, save_every=3, sync_ref_every=2, ref_mix_alpha=0.6)
+    full = tmp_path / "full"
+    synced = run(tiny_model_dir, toy_data, full, **kw)
+    plain = run(tiny_model_dir, toy_data, tmp_path / "plain", max_steps=6)
+    # up to the first sync (after step 2) the runs are the same; then the reference differs
+    assert train_losses(synced)[:2] == pytest.approx(train_losses(plain)[:2], abs=1e-7)
+    assert train_losses(synced)[2] != pytest.approx(train_losses(plain)[2], abs=1e-6)
+    files = sorted(p.name for p in (full / "reference-sync").iterdir())
+    assert files == ["step-2.safetensors", "step-4.safetensors", "step-6.safetensors"]
+    # the reference of step 6 is 0.6 * (policy after step 6 = final) + 0.4 * (reference of step 4)
+    ref4, ref6 = load_file(str(full / "reference-sync" / "step-4.safetensors")), load_file(str(full / "reference-sync" / "step-6.safetensors"))
+    final = weights(full)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(ref6[key], 0.6 * final[key] + 0.4 * ref4[key], rtol=1e-5, atol=1e-6)
+    # A run that died after checkpoint-3 (and the step-2 reference) resumes bit-identically.
+    part = tmp_path / "part"
+    (part / "reference-sync").mkdir(parents=True)
+    shutil.copytree(full / "checkpoint-3", part / "checkpoint-3")
+    shutil.copy(full / "reference-sync" / "step-2.safetensors", part / "reference-sync")
+    run(tiny_model_dir, toy_data, part, resume=True, **kw)
+    a, b = weights(full), weights(part)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tr_dpo_refuses_lora(tiny_model_dir, toy_data, tmp_path):
+    with pytest.raises(ValueError, match="sync_ref_every"):
+        run(tiny_model_dir, toy_data, tmp_path / "r", lora=True, sync_ref_every=2)
+
+
+def test_ld_alpha_one_is_dpo_and_below_one_changes_the_loss(tiny_model_dir, toy_data, tmp_path):
+    plain = run(tiny_model_dir, toy_data, tmp_path / "a", max_steps=3)
+    same = run(tiny_model_dir, toy_data, tmp_path / "b", max_steps=3, ld_alpha=1.0)
+    ld = run(tiny_model_dir, toy_data, tmp_path / "c", max_steps=3, ld_alpha=0.3)
+    assert train_losses(plain) == train_losses(same)
+    assert train_losses(ld)[0] == pytest.approx(LN2, abs=1e-6)  # policy == reference still
+    assert train_losses(ld)[1:] != pytest.approx(train_losses(plain)[1:], abs=1e-6)
+
+
+def test_wpo_weights_the_first_loss_by_pair_probability(tiny_model_dir, toy_data, tmp_path):
+    result = run(tiny_model_dir, toy_data, tmp_path / "w", max_steps=2, wpo=True)
+    first = result["history"][0]
+    # weights exp(mean logp_w + mean logp_l) are < 1, so the weighted ln 2 is smaller
+    assert 0 < first["loss"] < LN2

@@ -157,6 +157,14 @@ def detect_format(raw: dict, row: int, source: str, cols: _Columns, prompt_overr
     """The format name for a source whose first row is ``raw``; ``DataError`` if none fits."""
     wanted = [cols.chosen, cols.rejected] + ([cols.prompt] if prompt_overridden else [])
     missing = [c for c in wanted if c not in raw]
+    if ("responses" in raw and "ranking" in raw and cols.chosen not in raw) or (
+            isinstance(raw.get(cols.chosen), str) and isinstance(raw.get(cols.rejected), list)):
+        field_name = "responses" if "responses" in raw and cols.chosen not in raw else cols.rejected
+        raise DataError(f"{source}: row {row}: field {field_name!r}: a list of responses is listwise data "
+                        "(several ranked responses per prompt): train it with --loss plackett_luce")
+    if missing and "completion" in raw and "label" in raw:
+        raise DataError(f"{source}: row {row}: unpaired rows (prompt, completion, label) are KTO data: "
+                        "train them with --loss kto")
     if missing:
         raise DataError(
             f"{source}: row {row}: missing column(s) {', '.join(map(repr, missing))}; the columns are "
