@@ -77,9 +77,11 @@ def crash(tmp_path_factory, tiny_model_dir):
     args = {name: _args(tiny_model_dir, data, d) for name, d in dirs.items()}
     cli_exit, cli_stderr = _sigterm_fresh_cli(args["cli"], dirs["cli"], env)
 
-    rng = random.Random(1234)  # the "random moments" are reproducible
+    # The "random moments" are reproducible, and short: a step of the tiny model takes a few
+    # milliseconds, so a longer delay can let the run finish before the kill lands.
+    rng = random.Random(1234)
     resume = ["--resume"]
-    kill = lambda lines: {"metrics": str(dirs["random"] / "metrics.jsonl"), "lines": lines, "delay": rng.uniform(0, 0.15)}  # noqa: E731
+    kill = lambda lines: {"metrics": str(dirs["random"] / "metrics.jsonl"), "lines": lines, "delay": rng.uniform(0, 0.01)}  # noqa: E731
     scenarios = {
         "reference": [{"argv": args["reference"]}],
         "chain": [{"argv": args["chain"] + (resume if i else []), "fault": fault} for i, (fault, _) in enumerate(CHAIN)],

@@ -61,6 +61,14 @@ SKIP = {
         "needs 8 GPUs and deepspeed",
     "accelerate launch --config_file examples/accelerate/multinode.yaml --machine_rank K -m dpolab train --data pairs.jsonl --output-dir /shared/run":
         "needs several machines",
+    "make paper": "the paper preset: about 2.5 hours; the same pipeline runs in tests/experiments/test_sentiment.py",
+    "python -m dpolab.experiments.label_noise --output-dir runs/label-noise":
+        "the label-noise study on the default model (about an hour); its pipeline runs in tests/experiments/test_label_noise.py",
+    "python -m dpolab.experiments.label_noise --help": "run by tests/experiments/test_label_noise.py::test_help",
+    "python -c \"from tests.conftest import build_tokenizer, build_tiny_model; t = build_tokenizer(); m = build_tiny_model(len(t)); m.save_pretrained('runs/tiny-model'); t.save_pretrained('runs/tiny-model')\"":
+        "builds the tests' tiny model, which every test here already uses",
+    "python -m dpolab.experiments.label_noise --output-dir runs/label-noise-tiny --model runs/tiny-model --reward length --train-prompts 320 --eval-prompts 80 --num-samples 4 --max-new-tokens 16 --lr 1e-3 --batch-size 8 --epochs 2 --eval-samples 4":
+        "the study's measured tiny run (about an hour on 2 cores); a smaller one runs in tests/experiments/test_label_noise.py",
     "accelerate launch --cpu --num_processes 2": "a fragment in a note of docs/distributed.md (what not to do), not a command",
 }
 

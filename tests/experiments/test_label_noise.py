@@ -39,3 +39,16 @@ def test_study_writes_table_plot_and_timings(tiny_model_dir, tmp_path):
     assert not list((out / "runs").glob("*/final"))  # models deleted after measuring
     noisy = [json.loads(x) for x in (out / "train_flip0.3.jsonl").read_text().splitlines()]
     assert sum(r["flipped"] for r in noisy) == round(0.3 * len(noisy))
+
+
+def test_help():
+    """The documented `python -m dpolab.experiments.label_noise --help` lists the study's settings."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "dpolab.experiments.label_noise", "--help"], cwd=repo,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--flip-rates" in proc.stdout and "--losses" in proc.stdout
