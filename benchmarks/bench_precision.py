@@ -10,8 +10,12 @@ the reference log-probs computed once before the first step by the same model in
 precision, each mode in a fresh process. Modes:
 
 - fp32: everything fp32.
-- autocast: bf16 autocast with fp32 master weights, the LM head in fp32 (dpolab's default).
-- autocast-bf16-head: the same with a bf16 LM head (dpolab before this benchmark; TRL's bf16).
+- autocast: bf16 autocast with fp32 master weights rounded to bf16 once at the start, the LM
+  head in fp32 (dpolab's `--bf16 true`).
+- autocast-unrounded: the same without the rounding: 8% of the default model's fp32 weights
+  (de-quantised from GGUF) sit exactly halfway between two bf16 values, so the first update of
+  any size flips their bf16 copy by half a bf16 step, ~60x the update at lr 1e-6.
+- autocast-bf16-head: unrounded with a bf16 LM head (dpolab before this benchmark; TRL's bf16).
 - bf16-weights: bf16 weights and activations, fp32 master weights in the optimizer, fp32 LM head.
 
 Reported per mode: the loss, margin and accuracy of every step, their largest difference from
@@ -31,7 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 HH = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-2000.jsonl.gz"
-MODES = ("fp32", "autocast", "autocast-bf16-head", "bf16-weights")
+MODES = ("fp32", "autocast", "autocast-unrounded", "autocast-bf16-head", "bf16-weights")
 
 
 def main(argv=None) -> int:
@@ -115,7 +119,7 @@ def worker(spec: dict) -> dict:
     from dpolab.data import load_pairs
     from dpolab.data.collate import Layout, collate_pairs
     from dpolab.losses import LossParams, PairLogps, compute_loss
-    from dpolab.models import load_model, load_tokenizer
+    from dpolab.models import load_model, load_tokenizer, round_to_bf16
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -127,6 +131,8 @@ def worker(spec: dict) -> dict:
     tokenizer = load_tokenizer(spec["model"])
     pairs = first_pairs(spec["data"], tokenizer, spec["pairs"])
     model = load_model(spec["model"]).train()
+    if mode == "autocast":
+        round_to_bf16(model)
     master = None
     if mode == "bf16-weights":
         model.to(torch.bfloat16)

@@ -160,6 +160,26 @@ def bf16_supported(device: torch.device) -> bool:
         return False
 
 
+@torch.no_grad()
+def round_to_bf16(model) -> float:
+    """Round `model`'s fp32 weights to the nearest bf16 values in place (they stay fp32 tensors).
+
+    For bf16 autocast with fp32 master weights: the forward sees bf16 copies of the weights,
+    and a weight exactly halfway between two bf16 values (8% of the default model's, which was
+    de-quantised from GGUF) flips its copy by half a bf16 step on the first update of any size,
+    tens of times the update at small learning rates. Rounded once, the copies are exact and
+    an update shows up once it has accumulated. The bf16 forward is unchanged by this (it
+    rounds the same way). Returns the fraction of weights that were at such a tie.
+    """
+    ties = total = 0
+    for p in model.parameters():
+        if p.dtype == torch.float32 and p.requires_grad:
+            ties += int(((p.view(torch.int32) & 0xFFFF) == 0x8000).sum())
+            total += p.numel()
+            p.copy_(p.to(torch.bfloat16))
+    return ties / max(total, 1)
+
+
 def _cpu_flags() -> set[str] | None:
     try:
         with open("/proc/cpuinfo") as f:

@@ -30,7 +30,7 @@ from .data.collate import Layout, batch_tokens, collate, collate_pairs, to_devic
 from .losses import REFERENCE_FREE, LossParams, PairLogps, compute_loss
 from .logprobs import forward_logps, pair_logps, sequence_logps
 from .metrics import MetricsLogger
-from .models import add_lora, bf16_supported, cache_dir, load_model, load_tokenizer, resolve_model_path
+from .models import add_lora, bf16_supported, cache_dir, load_model, load_tokenizer, resolve_model_path, round_to_bf16
 from . import distributed, reference as ref
 from . import safety
 
@@ -226,6 +226,8 @@ def build_policy(cfg, run: Run):
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    if run.bf16:  # fp32 master weights on bf16 values: see models.round_to_bf16 (ties amplify small updates)
+        round_to_bf16(model)
     # FSDP and DeepSpeed place (and shard) the weights in `prepare`: a full copy on one device
     # first would not fit for the models they are used for.
     return (model if distributed.is_sharded(run.accelerator) else model.to(run.device)).train()
