@@ -29,7 +29,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 HH = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-2000.jsonl.gz"
-CASES = {"standard": (4, 512), "batch8": (8, 512), "len1024": (4, 1024)}  # name: (batch size, max length)
+# name: (batch size, max length, HH conversations joined into one pair: long-context cases)
+CASES = {"standard": (4, 512, 1), "batch8": (8, 512, 1), "len1024": (4, 1024, 1), "long": (16, 2048, 6)}
 # name: (tool, precision, precompute reference, gradient checkpointing, flush denormals)
 RUNS = {
     "trl-bf16-pre": ("trl", "bf16", True, False, False),   # TRL's best configuration where bf16 is fast
@@ -41,10 +42,14 @@ RUNS = {
     "dpolab-bf16": ("dpolab", "bf16", True, False, True),
     "dpolab-fp32": ("dpolab", "fp32", True, False, True),
     "dpolab-fp32-noftz": ("dpolab", "fp32", True, False, False),  # ablation: --no-flush-denormal
+    "trl-bf16": ("trl", "bf16", False, False, False),  # live reference model, no gradient checkpointing
+    "trl-bf16-liger": ("trl", "bf16", True, False, False),  # + use_liger_kernel (GPU; needs liger-kernel)
     "dpolab-bf16-dense": ("dpolab", "bf16", True, False, True),  # ablation: one masked SDPA call per layer
     "dpolab-fp32-dense": ("dpolab", "fp32", True, False, True),
 }
 DPOLAB_OPTIONS = {"dpolab-bf16-dense": {"segment_attention": False}, "dpolab-fp32-dense": {"segment_attention": False}}
+# TRL 1.16's padding_free is "temporarily unavailable since the DPO refactor" (it warns and pads), so no run uses it
+TRL_OPTIONS = {"trl-bf16-liger": {"use_liger_kernel": True}}
 DEFAULT_RUNS = "trl-bf16-pre,trl-fp32-pre,trl-default-fp32,dpolab-bf16,dpolab-fp32"
 
 
@@ -70,8 +75,8 @@ def main(argv=None) -> int:
           f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; runs with {args.threads or 'default'} threads", flush=True)
     results = []
     for case in cases:
-        batch_size, max_length = CASES[case]
-        data = prepare_data(model_path, work / case, args.pairs, batch_size, max_length, args.seed)
+        batch_size, max_length, joined = CASES[case]
+        data = prepare_data(model_path, work / case, args.pairs, batch_size, max_length, args.seed, joined)
         for rep in range(args.repeat):
             for name in runs:
                 spec = dict(name=name, case=case, rep=rep, model=model_path, device=device, batch_size=batch_size,
@@ -130,8 +135,13 @@ def prepare_model(name: str, work: Path) -> str:
     return str(path)
 
 
-def prepare_data(model_path: str, folder: Path, n: int, batch_size: int, max_length: int, seed: int) -> dict:
-    """The first n pairs as text rows for both tools, in the order dpolab trains them, plus token counts."""
+def prepare_data(model_path: str, folder: Path, n: int, batch_size: int, max_length: int, seed: int, joined: int = 1) -> dict:
+    """The first n pairs as text rows for both tools, in the order dpolab trains them, plus token counts.
+
+    joined > 1: pair i's chosen and rejected transcripts are each preceded by the (chosen)
+    transcripts of the joined - 1 conversations after it, a shared prompt of several
+    conversations: long pairs from real text.
+    """
     from dpolab.data import load_pairs, normalise, read_rows, render
     from dpolab.models import load_tokenizer
     from dpolab.train import step_indices
@@ -141,8 +151,11 @@ def prepare_data(model_path: str, folder: Path, n: int, batch_size: int, max_len
     raw = []
     for _, row in read_rows(str(HH), "train"):
         raw.append(row)
-        if len(raw) == n:
+        if len(raw) == n + joined - 1:
             break
+    if joined > 1:
+        raw = [{k: "".join(r["chosen"] for r in raw[i + 1 : i + joined]) + raw[i][k] for k in ("chosen", "rejected")}
+               for i in range(n)]
     source = folder / "pairs.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in raw))
     pairs, report = load_pairs(str(source), tokenizer, max_length=max_length, max_prompt_length=max_length // 2)
@@ -423,6 +436,7 @@ def run_trl(spec: dict, bf16: bool, precompute: bool, checkpointing: bool, ftz: 
         output_dir=spec["work"], per_device_train_batch_size=spec["batch_size"], num_train_epochs=1,
         learning_rate=spec["lr"], lr_scheduler_type="linear", warmup_steps=0, beta=spec["beta"], loss_type=["sigmoid"],
         max_length=spec["max_length"], bf16=bf16, precompute_ref_log_probs=precompute, precompute_ref_batch_size=8,
+        **TRL_OPTIONS.get(spec["name"], {}),
         gradient_checkpointing=checkpointing, train_sampling_strategy="sequential", seed=spec["seed"],
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=spec["device"] == "cpu",
         dataloader_num_workers=0, max_grad_norm=1.0, weight_decay=0.0)

@@ -162,21 +162,27 @@ def bf16_supported(device: torch.device) -> bool:
 
 @torch.no_grad()
 def round_to_bf16(model) -> float:
-    """Round `model`'s fp32 weights to the nearest bf16 values in place (they stay fp32 tensors).
+    """Round the trainable fp32 weights that bf16 autocast casts (linear layers) to bf16 values, in place.
 
-    For bf16 autocast with fp32 master weights: the forward sees bf16 copies of the weights,
-    and a weight exactly halfway between two bf16 values (8% of the default model's, which was
-    de-quantised from GGUF) flips its copy by half a bf16 step on the first update of any size,
-    tens of times the update at small learning rates. Rounded once, the copies are exact and
-    an update shows up once it has accumulated. The bf16 forward is unchanged by this (it
-    rounds the same way). Returns the fraction of weights that were at such a tie.
+    For bf16 autocast with fp32 master weights: the forward sees bf16 copies of the linear
+    weights, and a weight exactly halfway between two bf16 values (8% of the default model's,
+    which was de-quantised from GGUF) flips its copy by half a bf16 step on the first update of
+    any size, tens of times the update at small learning rates. Rounded once, the copies are
+    exact and an update shows up once it has accumulated. The bf16 forward is unchanged (autocast
+    rounds the same way). Embeddings, norms and the LM head (fp32 under dpolab's autocast, see
+    `logprobs.fp32_head`) are left alone. Returns the fraction of rounded weights that sat at a tie.
     """
+    inner = getattr(model, "module", model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     ties = total = 0
-    for p in model.parameters():
-        if p.dtype == torch.float32 and p.requires_grad:
-            ties += int(((p.view(torch.int32) & 0xFFFF) == 0x8000).sum())
-            total += p.numel()
-            p.copy_(p.to(torch.bfloat16))
+    for module in inner.modules():
+        if not isinstance(module, torch.nn.Linear) or module is head:
+            continue
+        for p in (module.weight, module.bias):
+            if p is not None and p.dtype == torch.float32 and p.requires_grad:
+                ties += int(((p.view(torch.int32) & 0xFFFF) == 0x8000).sum())
+                total += p.numel()
+                p.copy_(p.to(torch.bfloat16))
     return ties / max(total, 1)
 
 

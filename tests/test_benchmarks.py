@@ -37,3 +37,25 @@ def test_bench_runs_dpolab_with_and_without_flush_to_zero(tmp_path):
     # the same computation with and without flushing denormals
     assert results[0]["losses"] == pytest.approx(results[1]["losses"], abs=1e-6)
     assert "| standard | dpolab-fp32 |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_on_cpu_with_a_tiny_model(tmp_path):
+    """benchmarks/gpu.sh, minus CUDA: both cases, dpolab and TRL, fresh processes, one table."""
+    from tests.conftest import HH_PATH
+
+    if not HH_PATH.is_file():
+        pytest.skip(f"shared data not found: {HH_PATH}")
+    pytest.importorskip("trl")
+    env = {**__import__("os").environ, "STD_MODEL": "random:tiny", "BIG_MODEL": "random:tiny", "PAIRS": "16",
+           "RUNS": "dpolab-bf16,trl-bf16-pre", "OUT": str(tmp_path / "gpu"), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(BENCH.parent / "gpu.sh")], capture_output=True, text=True, timeout=1200, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = proc.stdout.split("=== one table ===")[1]
+    for case in ("standard", "long"):
+        saved = json.loads((tmp_path / f"gpu-{case}.json").read_text())
+        assert [r["name"] for r in saved["results"]] == ["dpolab-bf16", "trl-bf16-pre"]
+        assert all("error" not in r for r in saved["results"]), saved["results"]
+        assert f"| {case} | dpolab-bf16 |" in table and f"| {case} | 0 | dpolab-bf16 | trl-bf16-pre |" in table
+    long = json.loads((tmp_path / "gpu-long.json").read_text())["results"][0]
+    assert long["batch_size"] == 16 and long["data"]["real_tokens"] / 16 > 2 * 600  # joined conversations: long pairs
