@@ -65,3 +65,20 @@ def test_flex_forward_matches_loop(tokenizer, monkeypatch, autocast):
     # bf16: both kernels round q, k, v to bf16; they differ in accumulation order only
     tolerance = dict(atol=5e-2, rtol=1e-2) if autocast else dict(atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(got["flex"], got["loop"], **tolerance)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward runs on CUDA only (PyTorch has no CPU backward)")
+def test_flex_gradients_match_loop_on_cuda(tokenizer, monkeypatch):
+    pairs = multi_turn_pairs(tokenizer, 5, 3, max_length=120, max_prompt_length=64)
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v
+             for k, v in collate_pairs(pairs, tokenizer.pad_token_id, Layout(True, True, True)).items()}
+    grads, logps = {}, {}
+    for name in attention.KERNELS:
+        monkeypatch.setenv("DPOLAB_SEGMENT_KERNEL", name)
+        model = tiny(len(tokenizer)).cuda().train()
+        logps[name] = forward_logps(model, batch)
+        logps[name].sum().backward()
+        grads[name] = {n: p.grad for n, p in model.named_parameters()}
+    torch.testing.assert_close(logps["flex"], logps["loop"], atol=1e-4, rtol=1e-4)
+    for n, g in grads["loop"].items():
+        torch.testing.assert_close(grads["flex"][n], g, atol=1e-4, rtol=1e-3, msg=n)
