@@ -128,7 +128,7 @@ def load_frozen(name: str, device, trust_remote_code: bool = False):
 def load_model_pair(model: str, ref_model: str = "", *, device: str = "auto", bf16: str = "false",
                     trust_remote_code: bool = False) -> ModelPair:
     """Load the policy and its reference; different tokenizers stop here with one clear line."""
-    from .models import ModelError, bf16_supported, load_tokenizer, pick_device, resolve_model_path, same_tokenizer
+    from .models import ModelError, bf16_default, load_tokenizer, pick_device, resolve_model_path, same_tokenizer
 
     if bf16 not in ("auto", "true", "false"):
         raise ValueError("bf16 must be auto, true or false")
@@ -141,7 +141,7 @@ def load_model_pair(model: str, ref_model: str = "", *, device: str = "auto", bf
     dev = pick_device(device)
     policy = load_frozen(model, dev, trust_remote_code)
     reference = ADAPTER if ref == ADAPTER else policy if same else load_frozen(ref, dev, trust_remote_code)
-    use_bf16 = bf16 == "true" or (bf16 == "auto" and bf16_supported(dev))
+    use_bf16 = bf16 == "true" or (bf16 == "auto" and bf16_default(dev))
     if ref == ADAPTER:
         base = json.loads(Path(resolve_model_path(model), "adapter_config.json").read_text()).get("base_model_name_or_path")
         ref = f"{base} (the adapter's base)"

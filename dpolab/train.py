@@ -30,7 +30,7 @@ from .data.collate import Layout, batch_tokens, collate, collate_pairs, to_devic
 from .losses import REFERENCE_FREE, LossParams, PairLogps, compute_loss
 from .logprobs import forward_logps, pair_logps, sequence_logps
 from .metrics import MetricsLogger
-from .models import add_lora, bf16_supported, cache_dir, load_model, load_tokenizer, resolve_model_path, round_to_bf16
+from .models import add_lora, bf16_default, cache_dir, load_model, load_tokenizer, resolve_model_path, round_to_bf16
 from . import distributed, reference as ref
 from . import safety
 
@@ -169,7 +169,7 @@ def start_run(cfg) -> Run:
     # floats) in its backward; x86 cores run every operation on them on a slow path (one HH
     # batch: 80 s instead of 8 s). Flush-to-zero changes values by less than 1.2e-38.
     torch.set_flush_denormal(cfg.flush_denormal)
-    bf16 = cfg.bf16 == "true" or (cfg.bf16 == "auto" and bf16_supported(accelerator.device))
+    bf16 = cfg.bf16 == "true" or (cfg.bf16 == "auto" and bf16_default(accelerator.device))
     with accelerator.local_main_process_first():  # one process per machine converts / caches
         tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     return Run(cfg, accelerator, output_dir, tokenizer, bf16)
