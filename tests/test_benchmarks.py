@@ -47,7 +47,7 @@ def test_gpu_script_runs_on_cpu_with_a_tiny_model(tmp_path):
     if not HH_PATH.is_file():
         pytest.skip(f"shared data not found: {HH_PATH}")
     pytest.importorskip("trl")
-    env = {**__import__("os").environ, "STD_MODEL": "random:tiny", "BIG_MODEL": "random:tiny", "PAIRS": "32",
+    env = {**__import__("os").environ, "STD_MODEL": "random:tiny", "BIG_MODEL": "random:tiny", "PAIRS": "16", "TIMEOUT": "900",
            "RUNS": "dpolab-bf16,trl-bf16-pre", "OUT": str(tmp_path / "gpu"), "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(BENCH.parent / "gpu.sh")], capture_output=True, text=True, timeout=1200, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -57,6 +57,7 @@ def test_gpu_script_runs_on_cpu_with_a_tiny_model(tmp_path):
         assert [r["name"] for r in saved["results"]] == ["dpolab-bf16", "trl-bf16-pre"]
         assert all("error" not in r for r in saved["results"]), saved["results"]
         assert f"| {case} | dpolab-bf16 |" in table and f"| {case} | gpu-{case}:0 | dpolab-bf16 | trl-bf16-pre |" in table
-        assert all(r["steady pairs/s"] > 0 for r in saved["results"])  # two steps or more: a figure after start-up
+        if case == "standard":  # 4 steps: a figure after start-up (the long case has one step of 16 pairs here)
+            assert all(r["steady pairs/s"] > 0 for r in saved["results"])
     long = json.loads((tmp_path / "gpu-long.json").read_text())["results"][0]
-    assert long["batch_size"] == 16 and long["data"]["real_tokens"] / 32 > 2 * 600  # joined conversations: long pairs
+    assert long["batch_size"] == 16 and long["data"]["real_tokens"] / 16 > 2 * 600  # joined conversations: long pairs
