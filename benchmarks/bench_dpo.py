@@ -29,7 +29,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 HH = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-2000.jsonl.gz"
-CASES = {"standard": (4, 512), "batch8": (8, 512), "len1024": (4, 1024)}  # name: (batch size, max length)
+# name: (batch size, max length, HH conversations joined into one pair: long-context cases)
+CASES = {"standard": (4, 512, 1), "batch8": (8, 512, 1), "len1024": (4, 1024, 1), "long": (16, 2048, 6)}
 # name: (tool, precision, precompute reference, gradient checkpointing, flush denormals)
 RUNS = {
     "trl-bf16-pre": ("trl", "bf16", True, False, False),   # TRL's best configuration where bf16 is fast
@@ -41,7 +42,15 @@ RUNS = {
     "dpolab-bf16": ("dpolab", "bf16", True, False, True),
     "dpolab-fp32": ("dpolab", "fp32", True, False, True),
     "dpolab-fp32-noftz": ("dpolab", "fp32", True, False, False),  # ablation: --no-flush-denormal
+    "trl-bf16": ("trl", "bf16", False, False, False),  # live reference model, no gradient checkpointing
+    "trl-bf16-liger": ("trl", "bf16", True, False, False),  # + use_liger_kernel (GPU; needs liger-kernel)
+    "dpolab-bf16-dense": ("dpolab", "bf16", True, False, True),  # ablation: one masked SDPA call per layer
+    "dpolab-fp32-dense": ("dpolab", "fp32", True, False, True),
 }
+DPOLAB_OPTIONS = {"dpolab-bf16-dense": {"segment_attention": False}, "dpolab-fp32-dense": {"segment_attention": False}}
+# TRL 1.16's padding_free is "temporarily unavailable since the DPO refactor" (it warns and pads), so no run uses it
+TRL_OPTIONS = {"trl-bf16-liger": {"use_liger_kernel": True}}
+DEFAULT_RUNS = "trl-bf16-pre,trl-fp32-pre,trl-default-fp32,dpolab-bf16,dpolab-fp32"
 
 
 # ----------------------------------------------------------------------------- the parent
@@ -61,30 +70,32 @@ def main(argv=None) -> int:
     cases = list(CASES) if args.cases == "all" else args.cases.split(",")
     runs = args.runs.split(",")
     peaks = matmul_peaks(device)
-    print(f"device {device_name(device)}, {torch.get_num_threads()} threads; plain matmul: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
+    print(f"device {device_name(device)}, bf16 units: {cpu_bf16() if device == 'cpu' else 'GPU'}, "
+          f"{torch.get_num_threads()} threads; plain matmul: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; runs with {args.threads or 'default'} threads", flush=True)
     results = []
     for case in cases:
-        batch_size, max_length = CASES[case]
-        data = prepare_data(model_path, work / case, args.pairs, batch_size, max_length, args.seed)
+        batch_size, max_length, joined = CASES[case]
+        data = prepare_data(model_path, work / case, args.pairs, batch_size, max_length, args.seed, joined)
         for rep in range(args.repeat):
             for name in runs:
                 spec = dict(name=name, case=case, rep=rep, model=model_path, device=device, batch_size=batch_size,
                             max_length=max_length, lr=args.lr, beta=args.beta, seed=args.seed, data=data,
                             work=str(work / f"{case}-{name}-{rep}"), params=data["params"], threads=args.threads)
-                results.append(run_worker(spec, args.timeout))
+                results.append({**run_worker(spec, args.timeout), "peaks": peaks})
                 print(row(results[-1], data, peaks), flush=True)
     print()
     print(table(results))
     if args.out:
-        Path(args.out).write_text(json.dumps({"peaks": peaks, "device": device_name(device), "results": results}, indent=1))
+        Path(args.out).write_text(json.dumps({"peaks": peaks, "device": device_name(device), "bf16_units": cpu_bf16(),
+                                              "results": results}, indent=1))
     return 0
 
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", default="standard", help="comma list of " + ", ".join(CASES) + ", or all")
-    p.add_argument("--runs", default=",".join(RUNS), help="comma list of " + ", ".join(RUNS))
+    p.add_argument("--runs", default=DEFAULT_RUNS, help="comma list of " + ", ".join(RUNS))
     p.add_argument("--pairs", type=int, default=32, help="first N pairs of the HH-RLHF harmless file")
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a checkpoint dir, or random:0.5b / random:tiny")
     p.add_argument("--lr", type=float, default=5e-6)
@@ -124,8 +135,13 @@ def prepare_model(name: str, work: Path) -> str:
     return str(path)
 
 
-def prepare_data(model_path: str, folder: Path, n: int, batch_size: int, max_length: int, seed: int) -> dict:
-    """The first n pairs as text rows for both tools, in the order dpolab trains them, plus token counts."""
+def prepare_data(model_path: str, folder: Path, n: int, batch_size: int, max_length: int, seed: int, joined: int = 1) -> dict:
+    """The first n pairs as text rows for both tools, in the order dpolab trains them, plus token counts.
+
+    joined > 1: pair i's chosen and rejected transcripts are each preceded by the (chosen)
+    transcripts of the joined - 1 conversations after it, a shared prompt of several
+    conversations: long pairs from real text.
+    """
     from dpolab.data import load_pairs, normalise, read_rows, render
     from dpolab.models import load_tokenizer
     from dpolab.train import step_indices
@@ -135,8 +151,11 @@ def prepare_data(model_path: str, folder: Path, n: int, batch_size: int, max_len
     raw = []
     for _, row in read_rows(str(HH), "train"):
         raw.append(row)
-        if len(raw) == n:
+        if len(raw) == n + joined - 1:
             break
+    if joined > 1:
+        raw = [{k: "".join(r["chosen"] for r in raw[i + 1 : i + joined]) + raw[i][k] for k in ("chosen", "rejected")}
+               for i in range(n)]
     source = folder / "pairs.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in raw))
     pairs, report = load_pairs(str(source), tokenizer, max_length=max_length, max_prompt_length=max_length // 2)
@@ -172,10 +191,12 @@ def run_worker(spec: dict, timeout: int) -> dict:
         env.update(OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
     spec = {**spec, "load_before": os.getloadavg()[0]}  # other work on the machine slows every run
+    start = time.perf_counter()
     try:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {**spec, "error": f"timed out after {timeout} s"}
+    spec["process_s"] = time.perf_counter() - start  # the whole process: start-up, loading, compile, training
     spec["load_after"] = os.getloadavg()[0]
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
@@ -204,6 +225,15 @@ def matmul_peaks(device: str) -> dict:
     return out
 
 
+def cpu_bf16() -> str:
+    """The CPU's bf16 instructions: "amx_bf16 avx512_bf16", one of them, or "none" (bf16 emulated)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    return " ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "none"
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         import torch
@@ -230,6 +260,7 @@ def print_saved(paths: list[str]) -> int:
     for path in paths:
         saved = json.loads(Path(path).read_text())
         for r in saved["results"]:
+            r.setdefault("peaks", saved["peaks"])
             r.update(rates(r, r["data"], saved["peaks"]) if "error" not in r else {})
             r["rep"] = f"{Path(path).stem}:{r['rep']}"
             results.append(r)
@@ -242,9 +273,18 @@ def rates(r: dict, data: dict, peaks: dict) -> dict:
     seconds = r["ref_s"] + r["train_s"]
     flops = 8 * data["params"] * data["real_tokens"]
     cpu = r.get("ref_cpu_s", math.nan) + r.get("train_cpu_s", math.nan)
-    return {"pairs/s": data["pairs"] / seconds, "tokens/s": data["real_tokens"] / seconds, "flop/s": flops / seconds,
-            "bf16 frac": flops / seconds / peaks["bf16"], "fp32 frac": flops / seconds / peaks["fp32"],
-            "pairs/cpu-s": data["pairs"] / cpu}
+    out = {"pairs/s": data["pairs"] / seconds, "tokens/s": data["real_tokens"] / seconds, "flop/s": flops / seconds,
+           "bf16 frac": flops / seconds / peaks["bf16"], "fp32 frac": flops / seconds / peaks["fp32"],
+           "pairs/cpu-s": data["pairs"] / cpu}
+    steps = r.get("step_s") or []
+    if len(steps) > 1:  # after start-up: the first step (allocation, kernel selection, compilation) left out
+        per_pair = sum(steps[1:]) / (r["batch_size"] * (len(steps) - 1))
+        out["steady pairs/s"] = 1 / per_pair
+        out["steady flop/s"] = flops / data["pairs"] / per_pair
+        # forward-only cost per pair as a fraction of a training step's: the reference pass and the eval path
+        out["ref/train"] = r["ref_s"] / data["pairs"] / per_pair if r["ref_s"] else math.nan
+        out["eval/train"] = r["eval_s"] / data["pairs"] / per_pair if r.get("eval_s") else math.nan
+    return out
 
 
 def row(r: dict, data: dict, peaks: dict) -> str:
@@ -253,7 +293,9 @@ def row(r: dict, data: dict, peaks: dict) -> str:
     x = rates(r, data, peaks)
     r.update(x)
     mem = f"{r['peak_rss_gb']:.2f} GB RSS" + (f", {r['peak_gpu_gb']:.2f} GB GPU" if r.get("peak_gpu_gb") else "")
-    line = (f"{r['case']:9s} {r['name']:17s} {x['pairs/s']:6.3f} pairs/s {x['tokens/s']:7.0f} tok/s  {mem}  "
+    line = (f"{r['case']:9s} {r['name']:17s} {x['pairs/s']:6.3f} pairs/s, after start-up {x.get('steady pairs/s', math.nan):6.3f}, "
+            f"process {r.get('process_s', math.nan):.0f} s, forward/step {x.get('eval/train', math.nan):.2f} (eval) "
+            f"{x.get('ref/train', math.nan):.2f} (ref)  {x['tokens/s']:7.0f} tok/s  {mem}  "
             f"{x['flop/s'] / 1e9:6.1f} GFLOP/s  ref {r['ref_s']:.0f}s train {r['train_s']:.0f}s  first loss {r['losses'][0]:.6f}  "
             f"load {r['load_before']:.1f}->{r['load_after']:.1f}")
     if r.get("trl_real_tokens", data["real_tokens"]) != data["real_tokens"]:
@@ -263,23 +305,29 @@ def row(r: dict, data: dict, peaks: dict) -> str:
 
 def table(results: list[dict]) -> str:
     """Markdown table; ratios against every TRL run of the same case and repetition."""
-    lines = ["| case | run | pairs/s | tokens/s | peak RSS GB | useful GFLOP/s | of bf16 matmul | of fp32 matmul | first loss | load avg | pairs per CPU-s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | run | pairs/s (after start-up) | pairs/s (ref + training) | whole process s | peak RSS GB | "
+             "useful GFLOP/s (after start-up) | of bf16 matmul | of fp32 matmul | forward-only / training per pair (eval path, ref pass) | "
+             "first loss | load avg |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    nan = math.nan
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['name']} | failed: {r['error'][:80]} | | | | | | | | |")
+            lines.append(f"| {r['case']} | {r['name']} | failed: {r['error'][:80]} | | | | | | | | | |")
             continue
-        lines.append(f"| {r['case']} | {r['name']} | {r['pairs/s']:.3f} | {r['tokens/s']:.0f} | {r['peak_rss_gb']:.2f} | "
-                     f"{r['flop/s'] / 1e9:.1f} | {r['bf16 frac']:.1%} | {r['fp32 frac']:.1%} | {r['losses'][0]:.6f} | "
-                     f"{r['load_before']:.1f}-{r['load_after']:.1f} | {r['pairs/cpu-s']:.3f} |")
-    lines += ["", "| case | rep | dpolab run | vs TRL run | speed-up (pairs/s) | speed-up (CPU time) | memory (RSS) | max loss difference per step |",
-              "|---|---|---|---|---|---|---|---|"]
+        flops = r.get("steady flop/s", r["flop/s"])
+        lines.append(f"| {r['case']} | {r['name']} | {r.get('steady pairs/s', nan):.3f} | {r['pairs/s']:.3f} | "
+                     f"{r.get('process_s', nan):.0f} | {r['peak_rss_gb']:.2f} | {flops / 1e9:.1f} | {flops / r['peaks']['bf16']:.1%} | "
+                     f"{flops / r['peaks']['fp32']:.1%} | {r.get('eval/train', nan):.2f}, {r.get('ref/train', nan):.2f} | "
+                     f"{r['losses'][0]:.6f} | {r['load_before']:.1f}-{r['load_after']:.1f} |")
+    lines += ["", "| case | rep | dpolab run | vs TRL run | speed-up (pairs/s after start-up) | speed-up (whole process) | "
+              "memory (RSS) | max loss difference per step |", "|---|---|---|---|---|---|---|---|"]
     ok = [r for r in results if "error" not in r]
     for d in (r for r in ok if r["name"].startswith("dpolab")):
         for t in (r for r in ok if r["name"].startswith("trl") and r["case"] == d["case"] and r["rep"] == d["rep"]):
             diff = max(abs(a - b) for a, b in zip(d["losses"], t["losses"])) if len(d["losses"]) == len(t["losses"]) else float("nan")
-            lines.append(f"| {d['case']} | {d['rep']} | {d['name']} | {t['name']} | {d['pairs/s'] / t['pairs/s']:.2f}x | "
-                         f"{d['pairs/cpu-s'] / t['pairs/cpu-s']:.2f}x | {d['peak_rss_gb'] / t['peak_rss_gb']:.2f}x | {diff:.2e} |")
+            speed = d.get("steady pairs/s", nan) / t.get("steady pairs/s", nan)
+            whole = t.get("process_s", nan) / d.get("process_s", nan)
+            lines.append(f"| {d['case']} | {d['rep']} | {d['name']} | {t['name']} | {speed:.2f}x | {whole:.2f}x | "
+                         f"{d['peak_rss_gb'] / t['peak_rss_gb']:.2f}x | {diff:.2e} |")
     return "\n".join(lines)
 
 
@@ -311,7 +359,7 @@ class Timer:
     """
 
     def __init__(self, device: str):
-        self.device, self.seconds, self.cpu = device, 0.0, 0.0
+        self.device, self.seconds, self.cpu, self.laps = device, 0.0, 0.0, []
 
     def wrap(self, fn):
         def timed(*args, **kwargs):
@@ -325,7 +373,8 @@ class Timer:
 
     def __exit__(self, *exc):
         sync(self.device)
-        self.seconds += time.perf_counter() - self._start
+        self.laps.append(time.perf_counter() - self._start)
+        self.seconds += self.laps[-1]
         self.cpu += time.process_time() - self._cpu
 
 
@@ -334,6 +383,8 @@ def run_dpolab(spec: dict, bf16: bool, precompute: bool, checkpointing: bool, ft
     import dpolab.train as trainer
 
     ref_timer, save_timer, fit_timer = Timer(spec["device"]), Timer(spec["device"]), Timer(spec["device"])
+    step_timer = Timer(spec["device"])
+    trainer.train_step = step_timer.wrap(trainer.train_step)
     trainer.finish_reference = ref_timer.wrap(trainer.finish_reference)
     trainer.save_checkpoint = save_timer.wrap(trainer.save_checkpoint)
     trainer.save_final = save_timer.wrap(trainer.save_final)
@@ -343,11 +394,31 @@ def run_dpolab(spec: dict, bf16: bool, precompute: bool, checkpointing: bool, ft
         eval_batch_size=8, max_length=spec["max_length"], max_prompt_length=spec["max_length"] // 2, lr=spec["lr"],
         beta=spec["beta"], loss="sigmoid", warmup_ratio=0.0, scheduler="linear", epochs=1, eval_fraction=0.0,
         bf16="true" if bf16 else "false", precompute_ref=precompute, gradient_checkpointing=checkpointing,
-        seed=spec["seed"], progress=False, device=spec["device"], flush_denormal=ftz)
+        seed=spec["seed"], progress=False, device=spec["device"], flush_denormal=ftz,
+        **DPOLAB_OPTIONS.get(spec["name"], {}))
     losses = [h["loss"] for h in result["history"] if h.get("split", "train") == "train" and "loss" in h]
     return {"ref_s": ref_timer.seconds, "train_s": fit_timer.seconds - ref_timer.seconds - save_timer.seconds,
             "ref_cpu_s": ref_timer.cpu, "train_cpu_s": fit_timer.cpu - ref_timer.cpu - save_timer.cpu,
-            "losses": losses, "steps": result["steps"]}
+            "losses": losses, "steps": result["steps"], "step_s": step_timer.laps,
+            "eval_s": time_eval_path(spec, bf16, Path(spec["work"]) / "final")}
+
+
+def time_eval_path(spec: dict, bf16: bool, model_dir: Path) -> float:
+    """Seconds of `dpolab eval`'s forward-only log-prob path over the pairs (batches of batch_size pairs)."""
+    import torch
+
+    from dpolab.data import load_pairs
+    from dpolab.models import load_model, load_tokenizer
+    from dpolab.score import ModelPair
+
+    tokenizer = load_tokenizer(str(model_dir))
+    pairs, _ = load_pairs(spec["data"]["dpolab"], tokenizer, max_length=spec["max_length"], max_prompt_length=spec["max_length"] // 2)
+    model = load_model(str(model_dir)).to(spec["device"]).eval()
+    pair = ModelPair(model, model, tokenizer, torch.device(spec["device"]), bf16, ("policy", "policy"))
+    timer = Timer(spec["device"])
+    with timer:  # the model is its own reference here: one forward pass over every pair
+        pair.pair_token_logps(pairs, 2 * spec["batch_size"])
+    return timer.seconds
 
 
 def run_trl(spec: dict, bf16: bool, precompute: bool, checkpointing: bool, ftz: bool) -> dict:
@@ -365,19 +436,40 @@ def run_trl(spec: dict, bf16: bool, precompute: bool, checkpointing: bool, ftz: 
         output_dir=spec["work"], per_device_train_batch_size=spec["batch_size"], num_train_epochs=1,
         learning_rate=spec["lr"], lr_scheduler_type="linear", warmup_steps=0, beta=spec["beta"], loss_type=["sigmoid"],
         max_length=spec["max_length"], bf16=bf16, precompute_ref_log_probs=precompute, precompute_ref_batch_size=8,
+        **TRL_OPTIONS.get(spec["name"], {}),
         gradient_checkpointing=checkpointing, train_sampling_strategy="sequential", seed=spec["seed"],
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=spec["device"] == "cpu",
         dataloader_num_workers=0, max_grad_norm=1.0, weight_decay=0.0)
     ref_timer = Timer(spec["device"])
     DPOTrainer._precompute_ref_logps = ref_timer.wrap(DPOTrainer._precompute_ref_logps)
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=[step_times := StepTimes(spec["device"])])
     tokens = sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in trainer.train_dataset)
     train_timer = Timer(spec["device"])
     with train_timer:
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"ref_s": ref_timer.seconds, "train_s": train_timer.seconds, "ref_cpu_s": ref_timer.cpu,
-            "train_cpu_s": train_timer.cpu, "losses": losses, "steps": trainer.state.global_step, "trl_real_tokens": tokens}
+            "train_cpu_s": train_timer.cpu, "losses": losses, "steps": trainer.state.global_step, "trl_real_tokens": tokens,
+            "step_s": step_times.laps}
+
+
+def StepTimes(device: str):
+    """A TrainerCallback timing every optimizer step (begin to end, GPU synchronised)."""
+    from transformers import TrainerCallback
+
+    class _StepTimes(TrainerCallback):
+        laps: list = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            sync(device)
+            self._start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync(device)
+            self.laps.append(time.perf_counter() - self._start)
+
+    return _StepTimes()
 
 
 if __name__ == "__main__":

@@ -11,9 +11,23 @@ the model to the implementation `"dpolab_segments"`, which runs SDPA per block w
 forward call carries `dpolab_segments=` and is exactly transformers' SDPA otherwise (the
 mask for that case is built as for SDPA). `_attn_implementation` is not saved with the
 model, so checkpoints are unaffected.
+
+Two kernels compute the same attention (`kernel()` picks one, `DPOLAB_SEGMENT_KERNEL=loop|flex`
+overrides it):
+
+- "flex": ONE compiled FlexAttention call per layer for the whole packed row, the blocks
+  expressed as a block mask built from per-token block ids and context ranges (built once
+  per batch, shared by every layer). The row is padded to a multiple of `BUCKET` tokens so
+  the compiled kernel is reused across batches. The default on CUDA, where the loop would
+  be hundreds of tiny kernel launches per step.
+- "loop": one SDPA call per block (a Python loop). The default on CPU: PyTorch's
+  FlexAttention has no CPU backward, and for forward-only work its compilation (35-100 s on
+  2 cores, measured) costs more than the loop saves on eval-sized runs (docs/performance.md).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +35,20 @@ import torch.nn.functional as F
 NAME = "dpolab_segments"
 SUPPORTED = ("sdpa", "eager", NAME)  # implementations whose math the segment path reproduces
 calls = 0  # segment-attention calls so far: lets callers check the segments reached attention
+BUCKET = 128  # flex: rows padded to a multiple of this (FlexAttention's block size) to reuse compiled kernels
+KERNELS = ("loop", "flex")
+
+
+def kernel(device: torch.device, grad: bool) -> str:
+    """The kernel for a forward on `device` (with or without autograd); see the module docstring."""
+    forced = os.environ.get("DPOLAB_SEGMENT_KERNEL", "")
+    if forced:
+        if forced not in KERNELS:
+            raise ValueError(f"DPOLAB_SEGMENT_KERNEL must be one of {', '.join(KERNELS)}, got {forced!r}")
+        if forced == "flex" and grad and device.type == "cpu":
+            raise ValueError("FlexAttention has no CPU backward in PyTorch: use DPOLAB_SEGMENT_KERNEL=loop for CPU training")
+        return forced
+    return "flex" if device.type == "cuda" else "loop"
 
 
 def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, dpolab_segments=None, **kwargs):
@@ -33,6 +61,8 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
         raise ValueError("segment attention needs a packed batch (one row)")
     global calls
     calls += 1
+    if kernel(query.device, torch.is_grad_enabled()) == "flex":
+        return flex_segments(query, key, value, dpolab_segments, scaling), None
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     dropout = dropout if module.training else 0.0
@@ -56,6 +86,60 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
         outs.append(out)
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def flex_segments(query, key, value, segments: tuple, scaling=None) -> torch.Tensor:
+    """The segments' attention as one FlexAttention call: (1, H, T, D) x (1, Hkv, T, D) -> (1, T, H, D)."""
+    length = query.shape[2]
+    padded = -(-length // BUCKET) * BUCKET
+    device = query.device
+    # autocast does not reach FlexAttention: cast as it would for SDPA (rotary embeddings leave q, k fp32)
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else value.dtype
+    q, k, v = (F.pad(x.to(dtype), (0, 0, 0, padded - length)) for x in (query, key, value))
+    out = _compiled_flex()(q, k, v, block_mask=block_mask(segments, padded, device), scale=scaling,
+                           enable_gqa=query.shape[1] != key.shape[1])
+    return out[:, :, :length].transpose(1, 2).contiguous()
+
+
+_mask_cache: dict = {}
+
+
+def block_mask(segments: tuple, padded: int, device: torch.device):
+    """FlexAttention block mask of the segments over a row of `padded` tokens (cached: every layer reuses it).
+
+    Query q of block s sees key k when k is in s and k <= q, or k is in s's context range.
+    Padding tokens form one extra block of their own, so no row is empty.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (segments, padded, str(device))
+    if key not in _mask_cache:
+        block = torch.full((padded,), len(segments), dtype=torch.int32)
+        lo, hi = torch.zeros(padded, dtype=torch.int32), torch.zeros(padded, dtype=torch.int32)
+        for i, (start, length, ctx_start, ctx_length) in enumerate(segments):
+            block[start : start + length] = i
+            lo[start : start + length], hi[start : start + length] = ctx_start, ctx_start + ctx_length
+        block, lo, hi = block.to(device), lo.to(device), hi.to(device)
+
+        def visible(b, h, q, k):
+            return ((block[q] == block[k]) & (k <= q)) | ((k >= lo[q]) & (k < hi[q]))
+
+        _mask_cache.clear()  # one batch at a time: keep only the current mask
+        _mask_cache[key] = create_block_mask(visible, None, None, padded, padded, device=device)
+    return _mask_cache[key]
+
+
+_flex = None
+
+
+def _compiled_flex():
+    """flex_attention compiled once per process (uncompiled it materialises the full T x T scores)."""
+    global _flex
+    if _flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _flex = torch.compile(flex_attention)
+    return _flex
 
 
 def register() -> None:

@@ -50,7 +50,7 @@ class CommonConfig:
     epochs: float = opt(1.0, "Passes over the training data.")
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = from epochs).")
     seed: int = opt(42, "Seed for data order, splits and initialisation.")
-    bf16: str = opt("auto", "bf16 autocast with fp32 master weights: auto | true | false (auto = where hardware has bf16).")
+    bf16: str = opt("auto", "bf16 autocast with fp32 master weights: auto | true | false (auto = on CUDA GPUs with bf16; fp32 on CPU).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory (about +1 forward).")
     packing: bool = opt(True, "Padding-free batches: sequences concatenated, positions restart per sequence.")
     prefix_sharing: bool = opt(True, "One row [prompt][chosen][rejected] per pair: the prompt is computed once, not twice.")

@@ -105,8 +105,7 @@ def pair_rewards(pair, pairs, beta: float, batch_size: int, packing: bool = True
     """Implicit rewards of TokenizedPairs: (chosen_rewards (B,), rejected_rewards (B,)) float64 numpy."""
     import numpy as np
 
-    items = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    policy_token_logps, reference_token_logps = pair.token_logps(items, batch_size, packing)
+    policy_token_logps, reference_token_logps = pair.pair_token_logps(pairs, batch_size, packing)
     policy_logps = np.array([float(t.double().sum()) for t in policy_token_logps])
     reference_logps = np.array([float(t.double().sum()) for t in reference_token_logps])
     rewards = beta * (policy_logps - reference_logps)

@@ -276,7 +276,7 @@ def as_reply(text: str, prompt, chat: bool):
 # ----------------------------------------------------------------------------- the command
 def generate(cfg: GenerateConfig | None = None, **overrides) -> dict:
     """Sample, score and pair every prompt; append to cfg.output. Returns counts and the output path."""
-    from .models import bf16_supported, load_model, load_tokenizer, pick_device
+    from .models import bf16_default, load_model, load_tokenizer, pick_device
 
     cfg = cfg or resolve(GenerateConfig, **overrides)
     check_generate(cfg)
@@ -290,7 +290,7 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> dict:
         device = pick_device(cfg.device)
         tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
         model = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code).to(device).eval()
-        use_bf16 = cfg.bf16 == "true" or (cfg.bf16 == "auto" and bf16_supported(device))
+        use_bf16 = cfg.bf16 == "true" or (cfg.bf16 == "auto" and bf16_default(device))
         autocast = _autocast(device) if use_bf16 else None
         with SampleProgress(len(todo) * cfg.num_samples, cfg.progress) as bar:
             for start in range(0, len(todo), max(1, cfg.batch_size // cfg.num_samples)):

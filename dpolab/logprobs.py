@@ -8,6 +8,11 @@ tensor is P x V instead of N x L x V, and the log-softmax is never materialised:
 With prefix sharing one kept logit serves the first token of both completions
 (`batch["target_rows"]`); with segment attention the batch's `segments` go to
 `dpolab.attention`. The batch layouts are described in `dpolab.data.collate`.
+
+Under bf16 autocast the LM head still runs in fp32 (`fp32_head`): a bf16 logit of size ~20
+is rounded to 1/8, so a tiny weight update flips the rounding of many target logits and the
+summed log-probs of policy and reference differ by noise of ~0.1 nats per sequence, which
+swamps the implicit rewards at small learning rates (docs/performance.md, "bf16").
 """
 
 from __future__ import annotations
@@ -31,6 +36,26 @@ def token_logps_from_logits(logits: torch.Tensor, targets: torch.Tensor, rows: t
     if rows is None:
         return logits.gather(-1, targets[:, None]).squeeze(-1).float() - lse
     return logits[rows, targets].float() - lse[rows]
+
+
+def fp32_head(model) -> None:
+    """Make `model`'s LM head compute fp32 logits even inside a bf16 autocast region (idempotent).
+
+    The head's forward is replaced on the instance (the state dict and saved checkpoints are
+    unchanged); outside autocast it computes exactly what `nn.Linear` does in fp32.
+    """
+    inner = getattr(model, "module", model)  # DDP / FSDP wrapper
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or getattr(head, "_dpolab_fp32", False):
+        return
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            bias = None if head.bias is None else head.bias.float()
+            return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
+
+    head.forward = forward
+    head._dpolab_fp32 = True
 
 
 def model_inputs(model, batch: dict) -> dict:
@@ -84,6 +109,8 @@ def forward_logps(model, batch: dict) -> torch.Tensor:
     from . import attention
 
     before = attention.calls
+    if torch.is_autocast_enabled(batch["input_ids"].device.type):
+        fp32_head(model)
     out = model(**model_inputs(model, batch))
     if batch.get("segments") is not None and attention.calls == before:
         # a model whose attention layers drop extra keyword arguments would silently attend across the row

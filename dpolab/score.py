@@ -108,6 +108,15 @@ class ModelPair:
         policy_token_logps = batched_token_logps(self.policy, items, self, batch_size, packing)
         return policy_token_logps, reference_token_logps
 
+    def pair_token_logps(self, pairs, batch_size: int, packing: bool = True):
+        """TokenizedPairs -> (policy, reference) per-token logps of [every chosen..., every rejected...],
+        the training fast path: each prompt computed once for both completions (prefix sharing)."""
+        with self.reference_model() as reference:
+            reference_token_logps = batched_pair_token_logps(reference, pairs, self, batch_size, packing)
+        if self.reference is self.policy:
+            return reference_token_logps, reference_token_logps
+        return batched_pair_token_logps(self.policy, pairs, self, batch_size, packing), reference_token_logps
+
 
 def load_frozen(name: str, device, trust_remote_code: bool = False):
     from .models import load_model
@@ -120,7 +129,7 @@ def load_frozen(name: str, device, trust_remote_code: bool = False):
 def load_model_pair(model: str, ref_model: str = "", *, device: str = "auto", bf16: str = "false",
                     trust_remote_code: bool = False) -> ModelPair:
     """Load the policy and its reference; different tokenizers stop here with one clear line."""
-    from .models import ModelError, bf16_supported, load_tokenizer, pick_device, resolve_model_path, same_tokenizer
+    from .models import ModelError, bf16_default, load_tokenizer, pick_device, resolve_model_path, same_tokenizer
 
     if bf16 not in ("auto", "true", "false"):
         raise ValueError("bf16 must be auto, true or false")
@@ -133,7 +142,7 @@ def load_model_pair(model: str, ref_model: str = "", *, device: str = "auto", bf
     dev = pick_device(device)
     policy = load_frozen(model, dev, trust_remote_code)
     reference = ADAPTER if ref == ADAPTER else policy if same else load_frozen(ref, dev, trust_remote_code)
-    use_bf16 = bf16 == "true" or (bf16 == "auto" and bf16_supported(dev))
+    use_bf16 = bf16 == "true" or (bf16 == "auto" and bf16_default(dev))
     if ref == ADAPTER:
         base = json.loads(Path(resolve_model_path(model), "adapter_config.json").read_text()).get("base_model_name_or_path")
         ref = f"{base} (the adapter's base)"
@@ -164,6 +173,29 @@ def batched_token_logps(model, items, pair: ModelPair, batch_size: int, packing:
             out += [t.float().cpu() for t in split_tokens(token_logps, batch)]
             bar.advance(task, len(chunk))
     return out
+
+
+def batched_pair_token_logps(model, pairs, pair: ModelPair, batch_size: int, packing: bool = True) -> list:
+    """Per-token log-probs of every chosen then every rejected completion, `batch_size // 2` pairs
+    (batch_size sequences) per forward: packed, prefix-shared, segment attention, as in training."""
+    import torch
+
+    from .data.collate import Layout, collate_pairs, to_device
+    from .logprobs import forward_logps, split_tokens
+
+    layout = Layout(packing=True, prefix_sharing=True, segment_attention=True) if packing else Layout(packing=False)
+    pad_id = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else 0
+    step = max(1, batch_size // 2)
+    chosen, rejected = [], []
+    with torch.inference_mode():
+        for start in range(0, len(pairs), step):
+            chunk = pairs[start : start + step]
+            batch = to_device(collate_pairs(chunk, pad_id, layout), pair.device)
+            with pair.autocast():
+                tokens = [t.float().cpu() for t in split_tokens(forward_logps(model, batch), batch)]
+            chosen += tokens[: len(chunk)]
+            rejected += tokens[len(chunk):]
+    return chosen + rejected
 
 
 # ----------------------------------------------------------------------------- text -> ids

@@ -32,7 +32,7 @@ from .data.collate import Layout, batch_tokens, collate, collate_pairs, to_devic
 from .losses import LossParams, PairLogps, compute_loss, needs_reference
 from .logprobs import forward_logps, sequence_logps
 from .metrics import MetricsLogger
-from .models import add_lora, bf16_supported, cache_dir, load_model, load_tokenizer, resolve_model_path
+from .models import add_lora, bf16_default, cache_dir, load_model, load_tokenizer, resolve_model_path, round_to_bf16
 from . import displacement, distributed, kto, length_desensitize, listwise, reference as ref
 from . import safety
 from .errors import TrainingError
@@ -215,7 +215,7 @@ def start_run(cfg) -> Run:
     # floats) in its backward; x86 cores run every operation on them on a slow path (one HH
     # batch: 80 s instead of 8 s). Flush-to-zero changes values by less than 1.2e-38.
     torch.set_flush_denormal(cfg.flush_denormal)
-    bf16 = cfg.bf16 == "true" or (cfg.bf16 == "auto" and bf16_supported(accelerator.device))
+    bf16 = cfg.bf16 == "true" or (cfg.bf16 == "auto" and bf16_default(accelerator.device))
     with accelerator.local_main_process_first():  # one process per machine converts / caches
         tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     return Run(cfg, accelerator, output_dir, tokenizer, bf16)
@@ -298,6 +298,8 @@ def build_policy(cfg, run: Run):
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    if run.bf16:  # fp32 master weights on bf16 values: see models.round_to_bf16 (ties amplify small updates)
+        round_to_bf16(model)
     # FSDP and DeepSpeed place (and shard) the weights in `prepare`: a full copy on one device
     # first would not fit for the models they are used for.
     return (model if distributed.is_sharded(run.accelerator) else model.to(run.device)).train()

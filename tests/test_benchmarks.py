@@ -23,11 +23,41 @@ def test_bench_runs_dpolab_with_and_without_flush_to_zero(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH), "--model", "random:tiny", "--runs", "dpolab-fp32,dpolab-fp32-noftz",
                            "--pairs", "8", "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    results = json.loads(out.read_text())["results"]
+    saved = json.loads(out.read_text())
+    results = saved["results"]
+    assert saved["bf16_units"] in ("none", "unknown") or "bf16" in saved["bf16_units"]
+    assert "bf16 units:" in proc.stdout
     assert [r["name"] for r in results] == ["dpolab-fp32", "dpolab-fp32-noftz"]
     for r in results:
         assert r["steps"] == 2 and r["pairs/s"] > 0 and r["peak_rss_gb"] > 0
+        assert len(r["step_s"]) == 2 and r["steady pairs/s"] == pytest.approx(4 / r["step_s"][1])
+        # the whole process includes loading and start-up; the eval path ran a forward over every pair
+        assert r["process_s"] > r["ref_s"] + r["train_s"] and r["eval_s"] > 0 and r["eval/train"] > 0
         assert r["losses"][0] == pytest.approx(math.log(2), abs=1e-5)
     # the same computation with and without flushing denormals
     assert results[0]["losses"] == pytest.approx(results[1]["losses"], abs=1e-6)
     assert "| standard | dpolab-fp32 |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_on_cpu_with_a_tiny_model(tmp_path):
+    """benchmarks/gpu.sh, minus CUDA: both cases, dpolab and TRL, fresh processes, one table."""
+    from tests.conftest import HH_PATH
+
+    if not HH_PATH.is_file():
+        pytest.skip(f"shared data not found: {HH_PATH}")
+    pytest.importorskip("trl")
+    env = {**__import__("os").environ, "STD_MODEL": "random:tiny", "BIG_MODEL": "random:tiny", "PAIRS": "16", "TIMEOUT": "900",
+           "RUNS": "dpolab-bf16,trl-bf16-pre", "OUT": str(tmp_path / "gpu"), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(BENCH.parent / "gpu.sh")], capture_output=True, text=True, timeout=1200, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = proc.stdout.split("=== one table ===")[1]
+    for case in ("standard", "long"):
+        saved = json.loads((tmp_path / f"gpu-{case}.json").read_text())
+        assert [r["name"] for r in saved["results"]] == ["dpolab-bf16", "trl-bf16-pre"]
+        assert all("error" not in r for r in saved["results"]), saved["results"]
+        assert f"| {case} | dpolab-bf16 |" in table and f"| {case} | gpu-{case}:0 | dpolab-bf16 | trl-bf16-pre |" in table
+        if case == "standard":  # 4 steps: a figure after start-up (the long case has one step of 16 pairs here)
+            assert all(r["steady pairs/s"] > 0 for r in saved["results"])
+    long = json.loads((tmp_path / "gpu-long.json").read_text())["results"][0]
+    assert long["batch_size"] == 16 and long["data"]["real_tokens"] / 16 > 2 * 600  # joined conversations: long pairs

@@ -1,0 +1,84 @@
+"""The FlexAttention kernel of segment attention gives the per-block loop's log-probs.
+
+PyTorch's FlexAttention has no CPU backward, so on CPU only forward-only work (reference,
+eval, scoring) can take it and only its forward is compared here; on CUDA, where it is the
+default, the training tests run it with gradients.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpolab import attention
+from dpolab.data.collate import Layout, collate_pairs
+from dpolab.logprobs import forward_logps
+from tests.test_logprobs import edge_pairs, multi_turn_pairs, tiny
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tests.conftest import build_tokenizer
+
+    return build_tokenizer()
+
+
+def test_kernel_choice(monkeypatch):
+    monkeypatch.delenv("DPOLAB_SEGMENT_KERNEL", raising=False)
+    assert attention.kernel(torch.device("cpu"), grad=True) == "loop"
+    assert attention.kernel(torch.device("cuda"), grad=True) == "flex"
+    monkeypatch.setenv("DPOLAB_SEGMENT_KERNEL", "flex")
+    assert attention.kernel(torch.device("cpu"), grad=False) == "flex"
+    with pytest.raises(ValueError, match="no CPU backward"):
+        attention.kernel(torch.device("cpu"), grad=True)
+    monkeypatch.setenv("DPOLAB_SEGMENT_KERNEL", "fast")
+    with pytest.raises(ValueError, match="loop, flex"):
+        attention.kernel(torch.device("cpu"), grad=False)
+
+
+def test_block_mask_matches_segments():
+    """The dense form of the block mask is exactly the segments' visibility, padding apart."""
+    segments = ((0, 5, 0, 0), (5, 3, 0, 2), (8, 4, 0, 0), (12, 2, 8, 1))
+    mask = attention.block_mask(segments, 128, torch.device("cpu"))
+    q, k = torch.arange(128)[:, None], torch.arange(128)[None]
+    dense = mask.mask_mod(0, 0, q, k)
+    want = torch.zeros(14, 14, dtype=torch.bool)
+    for start, length, ctx_start, ctx_length in segments:
+        for i in range(start, start + length):
+            want[i, start : i + 1] = True
+            want[i, ctx_start : ctx_start + ctx_length] = True
+    assert torch.equal(dense[:14, :14], want)
+    assert not dense[:14, 14:].any() and dense[14:, 14:].diagonal().all()  # padding sees only padding
+
+
+@pytest.mark.slow  # compiles FlexAttention (about a minute on 2 cores)
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_flex_forward_matches_loop(tokenizer, monkeypatch, autocast):
+    pairs = multi_turn_pairs(tokenizer, 5, 2, max_length=120, max_prompt_length=64) + edge_pairs()
+    model = tiny(len(tokenizer))
+    batch = collate_pairs(pairs, tokenizer.pad_token_id, Layout(True, True, True))
+    got = {}
+    for name in attention.KERNELS:
+        monkeypatch.setenv("DPOLAB_SEGMENT_KERNEL", name)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            got[name] = forward_logps(model, batch)
+    # bf16: both kernels round q, k, v to bf16; they differ in accumulation order only
+    tolerance = dict(atol=5e-2, rtol=1e-2) if autocast else dict(atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got["flex"], got["loop"], **tolerance)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward runs on CUDA only (PyTorch has no CPU backward)")
+def test_flex_gradients_match_loop_on_cuda(tokenizer, monkeypatch):
+    pairs = multi_turn_pairs(tokenizer, 5, 3, max_length=120, max_prompt_length=64)
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v
+             for k, v in collate_pairs(pairs, tokenizer.pad_token_id, Layout(True, True, True)).items()}
+    grads, logps = {}, {}
+    for name in attention.KERNELS:
+        monkeypatch.setenv("DPOLAB_SEGMENT_KERNEL", name)
+        model = tiny(len(tokenizer)).cuda().train()
+        logps[name] = forward_logps(model, batch)
+        logps[name].sum().backward()
+        grads[name] = {n: p.grad for n, p in model.named_parameters()}
+    torch.testing.assert_close(logps["flex"], logps["loop"], atol=1e-4, rtol=1e-4)
+    for n, g in grads["loop"].items():
+        torch.testing.assert_close(grads["flex"][n], g, atol=1e-4, rtol=1e-3, msg=n)
