@@ -145,7 +145,7 @@ def test_lr_logged_is_the_rate_the_step_used(tmp_path, tiny_model_dir, toy_data)
 
 
 def test_config_records_what_bf16_resolved_to(tmp_path, tiny_model_dir, toy_data):
-    from dpolab.models import bf16_supported
+    from dpolab.models import bf16_default
 
     import torch
 
@@ -153,7 +153,7 @@ def test_config_records_what_bf16_resolved_to(tmp_path, tiny_model_dir, toy_data
     args = [a for a in _train_args(tiny_model_dir, toy_data, out, "--max-steps", "1") if a not in ("--bf16", "false")]
     assert main(args) == 0
     line = next(x for x in (out / "config.yaml").read_text().splitlines() if x.startswith("bf16:"))
-    assert line == f"bf16: '{str(bf16_supported(torch.device('cpu'))).lower()}'  # requested auto"
+    assert line == f"bf16: '{str(bf16_default(torch.device('cpu'))).lower()}'  # requested auto"
 
 
 def test_resume_reads_the_runs_own_config_and_a_failed_start_changes_nothing(tmp_path, tiny_model_dir, toy_data, capsys):
