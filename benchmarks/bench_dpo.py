@@ -12,7 +12,7 @@ report a first-step loss of ln 2; the per-step losses of matching runs are compa
 Timed: the reference pass plus the training loop (model loading and tokenisation excluded for
 both). Useful FLOPs = 6 N T (policy) + 2 N T (reference), N = all parameters, T = the real
 tokens of the pairs (prompt counted once per completion, no padding), the same for both tools.
-TRL is an optional extra: pip install -e ".[bench]".
+TRL is installed with dpolab (its RLOO trainer is the experiment's online-RL baseline).
 """
 
 from __future__ import annotations
