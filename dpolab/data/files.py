@@ -81,6 +81,18 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[int, dict]]:
     yield from _read_hub(source, split)
 
 
+
+def peek_rows(source: str, split: str = "train") -> tuple[tuple, Iterator]:
+    """The first ``(row number, row)`` of ``source`` (to detect its format) and an iterator over
+    all rows, that first one included. An empty file is a ``DataError``."""
+    import itertools
+
+    rows = read_rows(str(source), split)
+    first = next(rows, None)
+    if first is None:
+        raise DataError(f"{source}: no rows")
+    return first, itertools.chain([first], rows)
+
 def _read_bytes(source: str) -> bytes:
     """The whole (decompressed) file, without a UTF-8 byte order mark (Windows tools write one).
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .files import DataError, _type_name, read_rows
+from .files import DataError, _type_name, peek_rows
 from .formats import DataReport, _Drop, _blank
 
 __all__ = ["ListwiseExample", "TokenizedList", "listwise_layout", "normalise_listwise", "load_listwise"]
@@ -142,19 +142,11 @@ def load_listwise(source: str, tokenizer, *, max_length: int, max_prompt_length:
     """Listwise rows (or preference pairs, as lists of two) -> ``(TokenizedList list, DataReport)``."""
     from .tokenize import load_pairs
 
-    rows = read_rows(str(source), split)
-    first = next(rows, None)
-    if first is None:
-        raise DataError(f"{source}: no rows")
+    first, rows = peek_rows(source, split)
     if listwise_layout(first[1]) is None:
         pairs, report = load_pairs(source, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
                                    prompt_column=prompt_column, chosen_column=chosen_column,
                                    rejected_column=rejected_column, split=split, cache_dir=cache_dir)
         return [TokenizedList(p.row, p.prompt_ids, [p.chosen_ids, p.rejected_ids], 1) for p in pairs], report
-
-    def all_rows():
-        yield first
-        yield from rows
-
-    examples, report = normalise_listwise(all_rows(), source)
+    examples, report = normalise_listwise(rows, source)
     return tokenize_listwise(examples, tokenizer, report, max_length, max_prompt_length), report

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .files import DataError, _type_name, read_rows
+from .files import DataError, _type_name, peek_rows
 from .formats import DataReport, _Drop, _blank, _messages, _no_content
 
 __all__ = ["UnpairedExample", "TokenizedCompletion", "is_unpaired", "normalise_unpaired", "tokenize_unpaired",
@@ -148,20 +148,12 @@ def load_unpaired(source: str, tokenizer, *, max_length: int, max_prompt_length:
     """Unpaired data (or pairs, split into desirable + undesirable) -> ``(TokenizedCompletion list, DataReport)``."""
     from .tokenize import load_pairs
 
-    rows = read_rows(str(source), split)
-    first = next(rows, None)
-    if first is None:
-        raise DataError(f"{source}: no rows")
+    first, rows = peek_rows(source, split)
     if not is_unpaired(first[1], chosen_column):
         pairs, report = load_pairs(source, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
                                    prompt_column=prompt_column, chosen_column=chosen_column,
                                    rejected_column=rejected_column, split=split, cache_dir=cache_dir)
         return [TokenizedCompletion(p.row, p.prompt_ids, ids, label) for p in pairs
                 for ids, label in ((p.chosen_ids, True), (p.rejected_ids, False))], report
-    examples, report = normalise_unpaired(_chain(first, rows), source, prompt_column)
+    examples, report = normalise_unpaired(rows, source, prompt_column)
     return tokenize_unpaired(examples, tokenizer, report, max_length, max_prompt_length), report
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
