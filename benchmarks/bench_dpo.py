@@ -60,6 +60,8 @@ def main(argv=None) -> int:
         return worker(json.loads(args.worker))
     if args.table_from:
         return print_saved(args.table_from)
+    if args.no_bf16_units:  # before torch loads oneDNN; the workers inherit it
+        os.environ["ONEDNN_MAX_CPU_ISA"] = EMULATED_ISA
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -106,6 +108,9 @@ def parse(argv):
     p.add_argument("--threads", type=int, default=0, help="CPU threads per run (0 = torch's default); 1 is steadier on a busy machine")
     p.add_argument("--out", default="", help="also write all results as JSON here")
     p.add_argument("--table-from", nargs="+", default=[], metavar="JSON", help="print the table of saved --out files and exit")
+    p.add_argument("--no-bf16-units", action="store_true",
+                   help=f"run as on a CPU without AMX/AVX512-BF16: oneDNN (which runs CPU bf16 matmuls) limited to "
+                        f"{EMULATED_ISA}, so bf16 matmuls are emulated as on such CPUs; fp32 is unchanged")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -225,8 +230,14 @@ def matmul_peaks(device: str) -> dict:
     return out
 
 
+EMULATED_ISA = "AVX512_CORE"  # AVX-512 without VNNI/BF16/AMX: the CI-class Xeon's matmul kernels
+
+
 def cpu_bf16() -> str:
-    """The CPU's bf16 instructions: "amx_bf16 avx512_bf16", one of them, or "none" (bf16 emulated)."""
+    """The CPU's bf16 instructions: "amx_bf16 avx512_bf16", one of them, or "none" (bf16 emulated);
+    with --no-bf16-units on a CPU that has them, "none (emulated: ...)"."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA") == EMULATED_ISA:
+        return f"none (emulated: ONEDNN_MAX_CPU_ISA={EMULATED_ISA})"
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
     except (OSError, StopIteration):

@@ -61,3 +61,22 @@ def test_gpu_script_runs_on_cpu_with_a_tiny_model(tmp_path):
             assert all(r["steady pairs/s"] > 0 for r in saved["results"])
     long = json.loads((tmp_path / "gpu-long.json").read_text())["results"][0]
     assert long["batch_size"] == 16 and long["data"]["real_tokens"] / 16 > 2 * 600  # joined conversations: long pairs
+
+
+@pytest.mark.slow
+def test_bench_emulates_a_cpu_without_bf16_units(tmp_path):
+    """--no-bf16-units: the table is labelled as emulated and bf16 matmuls run slower than fp32,
+    as on CPUs without AMX / AVX512-BF16 (on those CPUs too: the limit only removes instructions)."""
+    from tests.conftest import HH_PATH
+
+    if not HH_PATH.is_file():
+        pytest.skip(f"shared data not found: {HH_PATH}")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(BENCH), "--model", "random:tiny", "--runs", "dpolab-bf16", "--pairs", "8",
+                           "--threads", "1", "--no-bf16-units", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = json.loads(out.read_text())
+    assert saved["bf16_units"].startswith("none (emulated")
+    assert "bf16 units: none (emulated" in proc.stdout
+    assert saved["peaks"]["bf16"] < saved["peaks"]["fp32"]
+    assert saved["results"][0]["steps"] == 2 and "error" not in saved["results"][0]
