@@ -22,11 +22,10 @@ import html
 import io
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import displacement
-from .config import opt, resolve
+from .config import ReportConfig, resolve
 
 CURVES = [  # (panel title, [(metric key, line style)])
     ("loss", [("loss", "-")]),
@@ -37,16 +36,6 @@ CURVES = [  # (panel title, [(metric key, line style)])
     ("grad norm", [("grad_norm", "-")]),
 ]
 FOUND_IN_RUN = ("metrics.jsonl", "eval.json", "rank.json", "tokens.jsonl")
-
-
-@dataclass
-class ReportConfig:
-    """`dpolab report`: self-contained HTML report (curves, eval tables, ranking, attribution) of run directories."""
-
-    runs: str = opt("", "Run directories (positional, or comma-separated) holding metrics.jsonl, eval.json, rank.json and/or tokens.jsonl.", positional=True)
-    output: str = opt("", "HTML file to write (default: report.html in the first run directory).")
-    title: str = opt("dpolab report", "Title of the report.")
-    examples: int = opt(5, "Per-token attribution examples shown per run.")
 
 
 def report(cfg: ReportConfig | None = None, **overrides) -> Path:

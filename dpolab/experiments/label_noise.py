@@ -27,34 +27,10 @@ import json
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from ..config import opt, resolve
-
-
-@dataclass
-class LabelNoiseConfig:
-    """The label-noise study (see the module docstring)."""
-
-    output_dir: str = opt("runs/label-noise", "Folder for pairs, runs, results.json/.md and label_noise.png.")
-    model: str = opt("default", "Model that samples the pairs and is trained (and the reference).")
-    reward: str = opt("sentiment", "Reward that labels the pairs and scores the trained policies' samples.")
-    prompts: str = opt("", "Prompt file (empty = the built-in movie-review openings).")
-    train_prompts: int = opt(96, "Prompts whose pairs are trained on.")
-    eval_prompts: int = opt(32, "Held-out prompts (clean pairs for accuracy; sampled for the reward).")
-    num_samples: int = opt(4, "Completions sampled per prompt for the pairs.")
-    max_new_tokens: int = opt(24, "Tokens per sampled completion.")
-    flip_rates: str = opt("0,0.1,0.2,0.3", "Comma-separated label flip rates.")
-    losses: str = opt("sigmoid,cdpo,robust,ipo", "Comma-separated losses compared.")
-    beta: float = opt(0.1, "beta of every loss.")
-    lr: float = opt(1e-5, "Learning rate of every run.")
-    batch_size: int = opt(8, "Pairs per step.")
-    epochs: float = opt(1.0, "Passes over the training pairs.")
-    eval_samples: int = opt(2, "Samples per held-out prompt for the reward measure.")
-    seed: int = opt(0, "Seed of sampling, flips and training.")
-    keep_models: bool = opt(False, "Keep the trained models (off: deleted after measuring).")
-    progress: bool = opt(False, "Show progress bars.")
+from ..config import LabelNoiseConfig, resolve
 
 
 def floats(text: str) -> list[float]:

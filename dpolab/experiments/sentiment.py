@@ -27,80 +27,10 @@ import math
 import random
 import time
 import typing
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import opt, resolve
+from ..config import BASELINES, ExperimentConfig, SweepConfig, best_of, betas, kl_coefs, names_list, resolve
 
-BASELINES = ("preferred-ft", "unlikelihood", "ipo", "cdpo")
-EXPERIMENTS = ("sentiment",)
-
-
-@dataclass
-class ExperimentConfig:
-    """`dpolab experiment`: the DPO paper's controlled-sentiment experiment, ending in a reward-vs-KL frontier."""
-
-    name: str = opt("sentiment", "Experiment: sentiment (continue movie-review openings with positive sentiment).")
-    model: str = opt("default", "Starting model (and reference): 'default', a checkpoint dir or a hub id.")
-    sft_data: str = opt("", "Optional SFT stage on this data (any format `dpolab sft` reads); its result is the reference.")
-    sft_steps: int = opt(0, "Optimizer steps of the SFT stage (0 = one epoch).")
-    prompts: str = opt("", "Prompt file (.txt, a prompt column, or a CSV with a `review` column); empty = built-in set.")
-    prompt_column: str = opt("prompt", "Column holding the prompt.")
-    prefix_words: int = opt(8, "Words of a `review` column used as the prompt prefix.")
-    train_prompts: int = opt(128, "Prompts used to generate training pairs.")
-    eval_prompts: int = opt(32, "Held-out prompts every policy is measured on.")
-    reward: str = opt("sentiment", "True reward: sentiment | length | regex | module:function | a reward-model directory.")
-    reward_model: str = opt("", "A Hugging Face sequence-classification model directory used as the true reward.")
-    reward_pattern: str = opt("", "Pattern of the regex reward.")
-    reward_absent: bool = opt(False, "regex reward: reward the pattern's absence instead.")
-    reward_target_length: int = opt(20, "length reward: target number of words.")
-    num_samples: int = opt(4, "K: completions sampled per training prompt.")
-    pair_strategy: str = opt("best-vs-worst", "Pairs per prompt: best-vs-worst | random | all.")
-    min_gap: float = opt(0.0, "Drop pairs whose reward gap is below this (equal rewards are always dropped).")
-    max_new_tokens: int = opt(24, "Tokens per sampled completion at most.")
-    temperature: float = opt(1.0, "Sampling temperature (pairs and evaluation).")
-    top_p: float = opt(1.0, "Nucleus sampling threshold (1 = off).")
-    chat: bool = opt(False, "Wrap prompts as a user message in the chat template (default: continue the text).")
-    eval_samples: int = opt(2, "Samples per held-out prompt for every policy.")
-    best_of: str = opt("4,16", "Best-of-N baselines from the reference with the true reward (comma-separated N; empty = none).")
-    betas: str = opt("0.05,0.1,0.5", "DPO beta values (comma-separated): one policy and one frontier point each.")
-    baselines: str = opt("preferred-ft,ipo,cdpo", "Trained baselines: preferred-ft, unlikelihood, ipo, cdpo (comma-separated; empty = none).")
-    unlikelihood_alpha: float = opt(1.0, "Weight of the Unlikelihood baseline's term on rejected tokens.")
-    online_kl_coefs: str = opt("", "Online RL (RLOO, KL-penalised true reward): KL coefficients, one policy each (empty = none).")
-    online_steps: int = opt(16, "Optimizer steps of every online RL run.")
-    online_prompts_per_step: int = opt(4, "Training prompts per online RL step.")
-    online_samples: int = opt(4, "Completions per prompt per online RL step (RLOO's K).")
-    online_lr: float = opt(1e-5, "Peak learning rate of the online RL runs.")
-    ipo_beta: float = opt(0.1, "beta of the IPO baseline.")
-    cdpo_beta: float = opt(0.1, "beta of the cDPO baseline.")
-    label_smoothing: float = opt(0.1, "cDPO's assumed label-flip rate eps.")
-    steps: int = opt(32, "Optimizer steps of every training run.")
-    batch_size: int = opt(8, "Pairs per optimizer step.")
-    lr: float = opt(1e-5, "Peak learning rate of the DPO-family runs.")
-    sft_lr: float = opt(1e-5, "Peak learning rate of Preferred-FT and the SFT stage.")
-    rounds: int = opt(1, "Iterative on-policy DPO: rounds of (sample from the latest policy, relabel, train from it).")
-    active: bool = opt(False, "Rounds >= 2: spend the sampling budget on the prompts with the smallest implicit-reward margins.")
-    active_fraction: float = opt(0.5, "With --active: fraction of prompts resampled (with K / fraction samples each).")
-    gen_batch_size: int = opt(64, "Sequences per generation batch.")
-    eval_batch_size: int = opt(16, "Sequences per forward pass when measuring KL and accuracy.")
-    seed: int = opt(0, "Seed of sampling, labelling and training.")
-    bf16: str = opt("false", "bf16 autocast for training: auto | true | false (sampling and KL stay fp32; on CPUs "
-                             "without native bf16 autocast is slower than fp32).")
-    device: str = opt("auto", "auto | cpu | cuda.")
-    output_dir: str = opt("runs/sentiment", "Experiment directory: runs, samples, results.json, frontier.png, report.html.")
-    stages_dir: str = opt("", "Cache of generated pairs and reference samples (default <output_dir>/stages).")
-    progress: bool = opt(True, "Show progress bars.")
-
-
-@dataclass
-class SweepConfig(ExperimentConfig):
-    """`dpolab sweep`: the experiment pipeline over a grid of one config field (beta by default) -> frontier + table."""
-
-    field: str = opt("beta", "Field to sweep: beta, or any `dpolab experiment` option (lr, steps, num_samples, ...).")
-    values: str = opt("0.02,0.05,0.1,0.2,0.5", "Comma-separated values of the field.")
-    betas: str = opt("0.1", "DPO beta when sweeping another field.")
-    baselines: str = opt("", "Trained baselines added to the sweep's frontier (preferred-ft, ipo, cdpo).")
-    output_dir: str = opt("runs/sweep", "Sweep directory.")
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -166,7 +96,6 @@ def pipeline(cfg: ExperimentConfig) -> dict:
     from ..generate import reward_from_config
     from .measure import best_of_n_points, held_out_pairs, load_reference, reference_point
 
-    check(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -202,52 +131,6 @@ def pipeline(cfg: ExperimentConfig) -> dict:
     return {"points": points, "run_dirs": run_dirs, "eval_prompts": eval_prompts, "timings": timings, "cpu_seconds": cpu,
             "reference": reference_name, "train_pairs": count_lines(pairs), "heldout_pairs": len(eval_pairs),
             "reference_samples": len(ref_draw["samples"][0])}
-
-
-def check(cfg: ExperimentConfig) -> None:
-    if cfg.name not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {cfg.name!r}: available: {', '.join(EXPERIMENTS)}")
-    unknown = sorted(set(names(cfg.baselines)) - set(BASELINES))
-    checks = [
-        (not unknown, f"unknown baseline(s) {', '.join(unknown)}: use {', '.join(BASELINES)}"),
-        (all(b > 0 for b in betas(cfg)), "betas must be positive numbers"),
-        (all(b > 0 for b in kl_coefs(cfg)), "online_kl_coefs must be positive numbers"),
-        (not kl_coefs(cfg) or cfg.online_samples >= 2, "online_samples must be >= 2 (RLOO's leave-one-out baseline)"),
-        (all(n >= 2 for n in best_of(cfg)), "best_of values must be integers >= 2"),
-        (cfg.train_prompts >= 1 and cfg.eval_prompts >= 1, "train_prompts and eval_prompts must be >= 1"),
-        (cfg.num_samples >= 2, "num_samples must be >= 2 to make pairs"),
-        (cfg.eval_samples >= 1 and cfg.steps >= 1 and cfg.rounds >= 1, "eval_samples, steps and rounds must be >= 1"),
-        (0 < cfg.active_fraction <= 1, "active_fraction must be in (0, 1]"),
-        (cfg.bf16 in ("auto", "true", "false"), "bf16 must be auto, true or false"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
-def names(text: str) -> list[str]:
-    return [t.strip() for t in str(text or "").split(",") if t.strip() and t.strip() != "none"]
-
-
-def betas(cfg) -> list[float]:
-    try:
-        return [float(b) for b in names(cfg.betas)]
-    except ValueError:
-        raise ValueError(f"betas must be comma-separated numbers, got {cfg.betas!r}") from None
-
-
-def kl_coefs(cfg) -> list[float]:
-    try:
-        return [float(b) for b in names(getattr(cfg, "online_kl_coefs", ""))]
-    except ValueError:
-        raise ValueError(f"online_kl_coefs must be comma-separated numbers, got {cfg.online_kl_coefs!r}") from None
-
-
-def best_of(cfg) -> list[int]:
-    try:
-        return sorted({int(n) for n in names(cfg.best_of)})
-    except ValueError:
-        raise ValueError(f"best_of must be comma-separated integers, got {cfg.best_of!r}") from None
 
 
 class Clock:
@@ -374,7 +257,7 @@ def training_specs(cfg: ExperimentConfig) -> list[dict]:
     # RLOO's implicit reward is kl_coef * log(pi / pi_ref) (the same optimum as DPO's): "beta" = kl_coef
     specs += [{"name": f"RLOO kl={c:g}", "kind": "rloo", "dir": f"rloo-kl{c:g}", "objective": "rloo", "beta": c}
               for c in kl_coefs(cfg)]
-    chosen = names(cfg.baselines)
+    chosen = names_list(cfg.baselines)
     if "preferred-ft" in chosen:
         specs.append({"name": "Preferred-FT", "kind": "preferred-ft", "dir": "preferred-ft", "objective": "sft"})
     if "unlikelihood" in chosen:
