@@ -11,8 +11,19 @@ import logging
 import os
 import sys
 
-from .config import (EvalConfig, ExperimentConfig, GenerateConfig, RankConfig, ReportConfig, ScoreConfig, SFTConfig,
-                     SweepConfig, TrainConfig, add_arguments, resolve)
+from .config import (
+    EvalConfig,
+    ExperimentConfig,
+    GenerateConfig,
+    RankConfig,
+    ReportConfig,
+    ScoreConfig,
+    SFTConfig,
+    SweepConfig,
+    TrainConfig,
+    add_arguments,
+    resolve,
+)
 from .errors import TrainingError
 
 

@@ -6,12 +6,14 @@ Only the main process writes or draws; other ranks get a logger that does nothin
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from torch.utils.tensorboard import SummaryWriter
 
 SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "pairs/s")
 
@@ -31,8 +33,6 @@ class MetricsLogger:
         if start_step > 0 and path.exists():
             _drop_after(path, start_step)  # steps after the resumed checkpoint are redone
         self.file = open(path, "a")
-        from torch.utils.tensorboard import SummaryWriter
-
         self.writer = SummaryWriter(str(output_dir / "tensorboard"))
         # A live bar only on a terminal: in a log file (nohup, a cluster job) it would print
         # nothing until the end, so plain lines are written instead (`plain_line`).
@@ -122,8 +122,6 @@ def _clock(seconds: float) -> str:
 
 def _drop_after(path: Path, step: int) -> None:
     """Keep only records up to `step` (atomically), so a resumed run logs each step once."""
-    import os
-
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))

@@ -26,7 +26,14 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+import yaml
+from datasets import Dataset
+from trl import RLOOConfig, RLOOTrainer
+
 from .config import opt
+from .generate import prompt_text
+from .models import load_model, load_tokenizer
 
 # TRL's log keys -> dpolab's metrics.jsonl keys (the report draws these curves)
 LOG_KEYS = {"loss": "loss", "reward": "reward", "kl": "kl", "entropy": "entropy", "grad_norm": "grad_norm",
@@ -58,13 +65,6 @@ def rloo(cfg: OnlineConfig, prompts: list, reward_fn) -> Path:
     prompts: text prompts (continued as text) or chat message lists; reward_fn: dpolab's
     `f(prompts, completions) -> list[float]` (dpolab.rewards), given the prompt text.
     """
-    import torch
-    from datasets import Dataset
-    from trl import RLOOTrainer
-
-    from .generate import prompt_text
-    from .models import load_model, load_tokenizer
-
     check(cfg, prompts)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,8 +103,6 @@ def trl_args(cfg: OnlineConfig, use_cpu: bool):
     """TRL's config: one generation batch per optimizer step, one update per batch, no extras
     (no advantage normalisation, no reward scaling: the objective stays the paper's). TRL turns
     activation checkpointing on by default; a small model on CPU only pays its extra forward."""
-    from trl import RLOOConfig
-
     return RLOOConfig(
         output_dir=str(Path(cfg.output_dir) / "trl"), use_cpu=use_cpu, bf16=False, seed=cfg.seed, data_seed=cfg.seed,
         per_device_train_batch_size=cfg.prompts_per_step * cfg.num_samples, num_generations=cfg.num_samples,
@@ -125,6 +123,4 @@ def write_metrics(path: Path, log_history: list[dict]) -> None:
 
 
 def _yaml(values: dict) -> str:
-    import yaml
-
     return yaml.safe_dump(values, sort_keys=False)

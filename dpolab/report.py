@@ -24,8 +24,13 @@ import json
 import time
 from pathlib import Path
 
+import yaml
+
 from . import displacement
 from .config import ReportConfig, resolve
+from .evaluate import result_rows
+from .rank import RANK_COLUMNS, ranking_rows, win_matrix_png
+from .score import ATTRIBUTION_CSS, attribution_html
 
 CURVES = [  # (panel title, [(metric key, line style)])
     ("loss", [("loss", "-")]),
@@ -79,8 +84,6 @@ def build_report(run_dirs, out_path, extra_sections=None, *, title: str = "dpola
 # ----------------------------------------------------------------------------- reading runs
 def load_run(path: Path) -> dict:
     """Everything the report uses from one run directory."""
-    import yaml
-
     if not path.is_dir():
         raise ValueError(f"{path}: run directory not found")
     found = {name: sorted(path.glob(name)) + sorted(path.glob(f"*/{name}")) for name in FOUND_IN_RUN}
@@ -145,10 +148,7 @@ def runs_table(runs: list[dict]) -> str:
 
 def curves_png(runs: list[dict]) -> bytes:
     """Grid of training-curve panels in one PNG; each run one colour, train as lines, eval as dots."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = _panels(runs)
     cols = min(3, len(panels))
@@ -165,10 +165,7 @@ def curves_png(runs: list[dict]) -> bytes:
 
 def curve_pngs(runs: list[dict]) -> list[tuple[str, bytes]]:
     """One PNG per panel (the page lays them out: three across on a desktop, one on a phone)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out = []
     for n, (title, keys) in enumerate(_panels(runs)):
@@ -186,7 +183,7 @@ def _panels(runs: list[dict]) -> list:
 
 
 def _draw_panel(ax, runs: list[dict], title: str, keys) -> None:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, r in enumerate(runs):
@@ -204,8 +201,18 @@ def _draw_panel(ax, runs: list[dict], title: str, keys) -> None:
     ax.grid(alpha=0.3)
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (PNG bytes, no display)."""
+    import matplotlib  # why: chosen here, not at import: importing dpolab must not switch a notebook's backend
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # why: after use("Agg")
+
+    return plt
+
+
 def savefig(fig) -> bytes:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
@@ -220,8 +227,6 @@ def curves_section(runs: list[dict]) -> str:
 
 
 def eval_section(result: dict) -> str:
-    from .evaluate import result_rows
-
     out = table(["metric", "value"], [list(r) for r in result_rows(result)])
     examples = (result.get("generation") or {}).get("examples") or []
     if examples:
@@ -232,16 +237,12 @@ def eval_section(result: dict) -> str:
 
 
 def rank_section(result: dict) -> str:
-    from .rank import RANK_COLUMNS, ranking_rows, win_matrix_png
-
     intro = (f"<p>{result.get('mode', '')} mode on {html.escape(str(result.get('source', '')))}: {result['items']} items, "
              f"score = {html.escape(str(result.get('measure', '')))}.</p>")
     return intro + table(RANK_COLUMNS, ranking_rows(result)) + png_img(win_matrix_png(result), "win matrix")
 
 
 def attribution_section(records: list[dict], examples: int) -> str:
-    from .score import attribution_html
-
     beta = records[0].get("beta", "?")
     intro = (f"<p>Tokens shaded by beta*(log pi(y_t) - log pi_ref(y_t)) with beta = {beta}: green = raised by training, "
              f"red = lowered. First {min(examples, len(records))} of {len(records)} responses; hover (or tap) a token for its value.</p>")
@@ -266,8 +267,6 @@ nav a { margin-right: 14px; font-size: 14px; }
 
 
 def page(title: str, sections: list[tuple[str, str]], run_paths: list[str]) -> str:
-    from .score import ATTRIBUTION_CSS
-
     anchors = [f"s{i}" for i in range(len(sections))]
     nav = "".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, (t, _) in zip(anchors, sections))
     body = "".join(f'<section id="{a}"><h2>{html.escape(t)}</h2>{content}</section>'

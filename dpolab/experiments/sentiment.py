@@ -20,6 +20,7 @@ settings match, so a rerun or a sweep only computes what changed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -29,8 +30,31 @@ import time
 import typing
 from pathlib import Path
 
-from ..config import BASELINES, ExperimentConfig, SweepConfig, best_of, betas, kl_coefs, names_list, resolve
+import yaml
 
+from ..config import ExperimentConfig, SweepConfig, _parse_bool, best_of, betas, kl_coefs, names_list, resolve
+from ..data import load_pairs
+from ..generate import GenerateConfig, as_messages, generate, read_prompts, reward_from_config
+from ..metrics import print_table
+from ..models import bf16_default, pick_device, resolve_model_path
+from ..online import OnlineConfig, rloo
+from ..reference import model_identity
+from ..report import build_report, table
+from ..score import load_frozen
+from ..train import sft, train
+from ..unlikelihood import UnlikelihoodConfig, train_unlikelihood
+from .claims import CLAIM_COLUMNS, claim_rows, paper_claims
+from .frontier import examples_section, frontier_png, frontier_section, print_summary, results_section
+from .measure import (
+    best_of_n_points,
+    draw,
+    held_out_pairs,
+    load_reference,
+    measure_policy,
+    model_pair,
+    prompt_margins,
+    reference_point,
+)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -72,8 +96,6 @@ def sweep(cfg: SweepConfig | None = None, **overrides) -> dict:
 
 def sweep_values(cfg: SweepConfig) -> list:
     """The sweep's values, parsed with the type of the swept field."""
-    from ..config import _parse_bool
-
     excluded = {"name", "output_dir", "stages_dir", "progress", "device", "betas"}
     hints = typing.get_type_hints(ExperimentConfig)
     names = sorted(set(hints) - excluded)
@@ -93,9 +115,6 @@ def sweep_values(cfg: SweepConfig) -> list:
 # ----------------------------------------------------------------------------- the pipeline
 def pipeline(cfg: ExperimentConfig) -> dict:
     """Every stage of one experiment; returns the frontier points and what the outputs need."""
-    from ..generate import reward_from_config
-    from .measure import best_of_n_points, held_out_pairs, load_reference, reference_point
-
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -142,8 +161,6 @@ class Clock:
         self.timings, self.cpu = timings, cpu if cpu is not None else {}
 
     def __call__(self, name: str):
-        import contextlib
-
         @contextlib.contextmanager
         def timed():
             start, cpu = time.perf_counter(), time.process_time()
@@ -158,8 +175,6 @@ class Clock:
 def split_prompts(cfg: ExperimentConfig) -> tuple[list, list]:
     """Held-out and training prompts: a fixed shuffle (independent of --seed, so every seed is
     measured on the same held-out prompts); held-out first, then training."""
-    from ..generate import read_prompts
-
     prompts = read_prompts(cfg.prompts, cfg.prompt_column, 0, cfg.prefix_words)
     need = cfg.train_prompts + cfg.eval_prompts
     if len(prompts) < need:
@@ -177,9 +192,6 @@ def key(*parts) -> str:
 
 
 def model_key(name: str) -> str:
-    from ..models import resolve_model_path
-    from ..reference import model_identity
-
     return model_identity(resolve_model_path(name))
 
 
@@ -204,8 +216,6 @@ def sft_stage(cfg: ExperimentConfig, out: Path) -> str:
 
 def reference_draw(cfg: ExperimentConfig, ref, eval_prompts: list, reward_fn) -> dict:
     """The reference's samples on the held-out prompts (cached): eval_samples + max(N) per prompt."""
-    from .measure import draw
-
     n = cfg.eval_samples + max(best_of(cfg) or [2])
     path = stages_dir(cfg) / f"reference-{key(model_key(ref.name), eval_prompts, n, sampling(cfg), cfg.seed)}.json"
     if path.exists():
@@ -218,8 +228,6 @@ def reference_draw(cfg: ExperimentConfig, ref, eval_prompts: list, reward_fn) ->
 
 def generate_pairs(cfg: ExperimentConfig, model: str, prompts: list, indices: list[int], k: int, round_: int) -> Path:
     """Pairs from `model` on `prompts` labelled by the true reward (`dpolab generate`, resumable)."""
-    from ..generate import GenerateConfig, generate
-
     stages = stages_dir(cfg)
     seed = cfg.seed + 1000 * (round_ - 1)  # fresh noise every round
     name = key(model_key(model), prompts, k, sampling(cfg), cfg.pair_strategy, cfg.min_gap, seed)
@@ -243,8 +251,6 @@ def count_lines(path: Path) -> int:
 
 
 def tokenized_pairs(path: Path, tokenizer) -> list:
-    from ..data import load_pairs
-
     return load_pairs(str(path), tokenizer, max_length=1024, max_prompt_length=512)[0] if count_lines(path) else []
 
 
@@ -275,9 +281,6 @@ def training_specs(cfg: ExperimentConfig) -> list[dict]:
 def train_policy(spec: dict, model: str, ref_model: str, data, cfg: ExperimentConfig, run_dir: Path,
                  steps: int | None = None) -> Path:
     """Train (or reuse a finished run with the same settings) and return the run directory."""
-    from ..train import sft, train
-    from ..unlikelihood import UnlikelihoodConfig, train_unlikelihood
-
     kw = dict(model=model, data=str(data), output_dir=str(run_dir), max_steps=cfg.steps if steps is None else steps,
               batch_size=cfg.batch_size, eval_fraction=0.0, seed=cfg.seed, bf16=cfg.bf16, device=cfg.device,
               progress=cfg.progress, resume=True, final_checkpoint=False)  # final/ is all the experiment reads
@@ -299,9 +302,6 @@ def train_policy(spec: dict, model: str, ref_model: str, data, cfg: ExperimentCo
 
 def train_online(spec: dict, model: str, prompts: list, reward_fn, cfg: ExperimentConfig, run_dir: Path) -> Path:
     """Online RL (RLOO) on the training prompts with the true reward (reused when finished)."""
-    from ..generate import as_messages
-    from ..online import OnlineConfig, rloo
-
     prompts = [as_messages(p) if cfg.chat and isinstance(p, str) else p for p in prompts]
     online = OnlineConfig(model=model, output_dir=str(run_dir), kl_coef=spec["beta"], steps=cfg.online_steps,
                           prompts_per_step=cfg.online_prompts_per_step, num_samples=cfg.online_samples,
@@ -314,12 +314,12 @@ def train_online(spec: dict, model: str, prompts: list, reward_fn, cfg: Experime
 
 def reusable(run_dir: Path, kw: dict) -> bool:
     """A finished run with the same settings is reused; one with other settings is an error."""
-    import yaml
-
     config = run_dir / "config.yaml"
     if not config.exists():
         return False
     recorded = yaml.safe_load(config.read_text()) or {}
+    if kw.get("bf16") == "auto":  # a run's config.yaml records bf16 as it resolved (train.save_run_config)
+        kw = {**kw, "bf16": str(bf16_default(pick_device(kw.get("device", "auto")))).lower()}
     differ = sorted(k for k, v in kw.items() if k not in ("progress", "resume", "final_checkpoint") and recorded.get(k) != v)
     if differ:
         raise ValueError(f"{run_dir} holds a run with other settings ({', '.join(differ)}): "
@@ -328,9 +328,6 @@ def reusable(run_dir: Path, kw: dict) -> bool:
 
 
 def measure_run(spec: dict, run_dir: Path, ref, eval_prompts, ref_draw, reward_fn, cfg, eval_pairs, **extra) -> dict:
-    from ..score import load_frozen
-    from .measure import measure_policy
-
     policy = load_frozen(str(run_dir / "final"), ref.device)
     try:
         return measure_policy(spec["name"], spec["kind"], policy, ref, eval_prompts, ref_draw, reward_fn, cfg,
@@ -366,9 +363,6 @@ def iterate(cfg, spec, run_dir, pairs, train_prompts, ref, eval_prompts, ref_dra
 def active_prompts(cfg, beta: float, policy: str, ref, pairs: Path, indices: list[int], total: int) -> list[int]:
     """Training-prompt indices with the smallest implicit-reward margins under `policy` on the last
     round's pairs; prompts that gave no pair (ties) count as margin 0, not yet decided."""
-    from ..score import load_frozen
-    from .measure import model_pair, prompt_margins
-
     rows = [json.loads(line) for line in pairs.read_text(encoding="utf-8").splitlines() if line.strip()]
     tokenized = tokenized_pairs(pairs, ref.tokenizer)
     by_line = {n + 1: row for n, row in enumerate(rows)}
@@ -382,11 +376,6 @@ def active_prompts(cfg, beta: float, policy: str, ref, pairs: Path, indices: lis
 # ----------------------------------------------------------------------------- outputs
 def finish(cfg, ctx: dict, points: list[dict], start: float, title: str) -> dict:
     """results.json, frontier.png, report.html and the terminal summary."""
-    from ..report import build_report, table
-    from ..metrics import print_table
-    from .claims import CLAIM_COLUMNS, claim_rows, paper_claims
-    from .frontier import examples_section, frontier_png, frontier_section, print_summary, results_section
-
     out = Path(cfg.output_dir)
     seconds = time.perf_counter() - start
     reward_name = cfg.reward_model or cfg.reward
