@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from . import displacement
-from .config import ReportConfig, resolve
+from .config import ReportConfig, names_list, resolve
 from .evaluate import result_rows
 from .rank import RANK_COLUMNS, ranking_rows, win_matrix_png
 from .score import ATTRIBUTION_CSS, attribution_html
@@ -45,9 +45,7 @@ FOUND_IN_RUN = ("metrics.jsonl", "eval.json", "rank.json", "tokens.jsonl")
 
 def report(cfg: ReportConfig | None = None, **overrides) -> Path:
     cfg = cfg or resolve(ReportConfig, **overrides)
-    runs = [r.strip() for r in cfg.runs.split(",") if r.strip()] if isinstance(cfg.runs, str) else list(cfg.runs)
-    if not runs:
-        raise ValueError("report needs at least one run directory: dpolab report RUN_DIR [RUN_DIR...]")
+    runs = names_list(cfg.runs)
     out = Path(cfg.output) if cfg.output else Path(runs[0]) / "report.html"
     path = build_report(runs, out, title=cfg.title, examples=cfg.examples)
     print(f"dpolab report: {path} ({path.stat().st_size // 1024} KiB, self-contained)")
@@ -144,23 +142,6 @@ def runs_table(runs: list[dict]) -> str:
                      c.get("beta", "-"), c.get("lr", "-"), steps, _last(m, "train", "loss"), _last(m, "eval", "loss"),
                      _last(m, "eval", "rewards/accuracies")])
     return table(["run", "model", "loss", "beta", "lr", "steps", "train loss", "eval loss", "eval accuracy"], rows)
-
-
-def curves_png(runs: list[dict]) -> bytes:
-    """Grid of training-curve panels in one PNG; each run one colour, train as lines, eval as dots."""
-    plt = pyplot()
-
-    panels = _panels(runs)
-    cols = min(3, len(panels))
-    rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False)
-    for ax, (title, keys) in zip(axes.flat, panels):
-        _draw_panel(ax, runs, title, keys)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
-    return savefig(fig)
 
 
 def curve_pngs(runs: list[dict]) -> list[tuple[str, bytes]]:

@@ -49,10 +49,6 @@ class DataError(ValueError):
         super().__init__(" ".join(str(message).split()))
 
 
-def _where(source: str, row: int | None) -> str:
-    return f"{source}: row {row}" if row is not None else source
-
-
 def read_rows(source: str, split: str = "train") -> Iterator[tuple[int, dict]]:
     """Yield ``(row_number, raw_row)`` for every row of ``source``; row numbers start at 1.
 
