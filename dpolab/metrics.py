@@ -13,7 +13,6 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
-from torch.utils.tensorboard import SummaryWriter
 
 SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "pairs/s")
 
@@ -33,6 +32,8 @@ class MetricsLogger:
         if start_step > 0 and path.exists():
             _drop_after(path, start_step)  # steps after the resumed checkpoint are redone
         self.file = open(path, "a")
+        from torch.utils.tensorboard import SummaryWriter  # why: ~1 s to import; print_table's users (report, experiments) log nothing
+
         self.writer = SummaryWriter(str(output_dir / "tensorboard"))
         # A live bar only on a terminal: in a log file (nohup, a cluster job) it would print
         # nothing until the end, so plain lines are written instead (`plain_line`).

@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 import yaml
 from datasets import Dataset
-from trl import RLOOConfig, RLOOTrainer
 
 from .config import opt
 from .generate import prompt_text
@@ -65,6 +64,8 @@ def rloo(cfg: OnlineConfig, prompts: list, reward_fn) -> Path:
     prompts: text prompts (continued as text) or chat message lists; reward_fn: dpolab's
     `f(prompts, completions) -> list[float]` (dpolab.rewards), given the prompt text.
     """
+    from trl import RLOOTrainer  # why: TRL's trainer stack takes ~1.7 s to import; only online RL runs need it
+
     check(cfg, prompts)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,6 +104,8 @@ def trl_args(cfg: OnlineConfig, use_cpu: bool):
     """TRL's config: one generation batch per optimizer step, one update per batch, no extras
     (no advantage normalisation, no reward scaling: the objective stays the paper's). TRL turns
     activation checkpointing on by default; a small model on CPU only pays its extra forward."""
+    from trl import RLOOConfig  # why: as in rloo
+
     return RLOOConfig(
         output_dir=str(Path(cfg.output_dir) / "trl"), use_cpu=use_cpu, bf16=False, seed=cfg.seed, data_seed=cfg.seed,
         per_device_train_batch_size=cfg.prompts_per_step * cfg.num_samples, num_generations=cfg.num_samples,
