@@ -44,10 +44,8 @@ def like(group, name: str, default=_SAME, help: str | None = None):
     """Field `name` of option group `group` for a command that needs another default (or, where
     the meaning narrows, another help text); everything else stays as the group defines it."""
     f = group.__dataclass_fields__[name]
-    meta = dict(f.metadata)
-    text = help if help is not None else meta.pop("help")
-    meta.pop("help", None)
-    return opt(f.default if default is _SAME else default, text, **meta)
+    meta = {k: v for k, v in f.metadata.items() if k != "help"}
+    return opt(f.default if default is _SAME else default, f.metadata["help"] if help is None else help, **meta)
 
 
 # ----------------------------------------------------------------------------- option groups
