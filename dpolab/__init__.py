@@ -12,13 +12,13 @@ __version__ = "0.1.0"
 
 def train(cfg=None, **overrides):
     """DPO-family training; see `dpolab train --help` for every option."""
-    from .train import train as _train
+    from .train import train as _train  # why: `import dpolab.config` runs this file; it must not import torch
 
     return _train(cfg, **overrides)
 
 
 def sft(cfg=None, **overrides):
     """Supervised fine-tuning on prompt + chosen; see `dpolab sft --help`."""
-    from .train import sft as _sft
+    from .train import sft as _sft  # why: as above
 
     return _sft(cfg, **overrides)

@@ -31,6 +31,10 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 NAME = "dpolab_segments"
 SUPPORTED = ("sdpa", "eager", NAME)  # implementations whose math the segment path reproduces
@@ -53,8 +57,6 @@ def kernel(device: torch.device, grad: bool) -> str:
 
 def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, dpolab_segments=None, **kwargs):
     """query (1, H, T, D), key/value (1, Hkv, T, D) -> (1, T, H, D), block by block."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-
     if dpolab_segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if query.shape[0] != 1:
@@ -110,8 +112,6 @@ def block_mask(segments: tuple, padded: int, device: torch.device):
     Query q of block s sees key k when k is in s and k <= q, or k is in s's context range.
     Padding tokens form one extra block of their own, so no row is empty.
     """
-    from torch.nn.attention.flex_attention import create_block_mask
-
     key = (segments, padded, str(device))
     if key not in _mask_cache:
         block = torch.full((padded,), len(segments), dtype=torch.int32)
@@ -136,17 +136,12 @@ def _compiled_flex():
     """flex_attention compiled once per process (uncompiled it materialises the full T x T scores)."""
     global _flex
     if _flex is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
         _flex = torch.compile(flex_attention)
     return _flex
 
 
 def register() -> None:
     """Make `"dpolab_segments"` known to transformers (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
     AttentionInterface.register(NAME, segment_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
 

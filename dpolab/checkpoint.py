@@ -25,6 +25,11 @@ import shutil
 from pathlib import Path
 
 import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from .distributed import is_sharded, main_decides
+from .perms import public
 
 STATE_FILE = "training_state.pt"
 SHARDS = "accelerate"  # per-process FSDP / DeepSpeed state (Accelerate's save_state) for resume
@@ -39,8 +44,6 @@ def save(output_dir: Path, step: int, model, tokenizer, optimizer, scheduler, co
     (optimizer state split across processes) every process also writes its shards, through
     Accelerate's `save_state`, into `SHARDS` inside the checkpoint (used only to resume).
     """
-    from .distributed import is_sharded, main_decides
-
     final = output_dir / f"checkpoint-{step}"
     sharded = is_sharded(accelerator)
     state = {
@@ -109,8 +112,6 @@ def _write_model(model, tokenizer, path: Path, state_dict=None) -> None:
 
 def _make_public(folder: Path) -> None:
     """Files as readable as the user's umask allows: transformers writes weights 0600 (mkstemp)."""
-    from .perms import public
-
     public(folder, folder=True)
     for p in folder.rglob("*"):
         public(p, folder=p.is_dir())
@@ -163,11 +164,7 @@ def load_state(path: Path) -> dict:
 
 def load_weights(model, path: Path) -> None:
     """Load checkpoint weights into an existing (possibly PEFT-wrapped) model in place."""
-    from safetensors.torch import load_file
-
     if (path / "adapter_model.safetensors").exists():
-        from peft import set_peft_model_state_dict
-
         set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
         return
     weights = {}

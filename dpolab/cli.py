@@ -7,89 +7,134 @@ code 2, never a traceback; `DPOLAB_DEBUG=1` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
-import importlib
+from .config import (
+    EvalConfig,
+    ExperimentConfig,
+    GenerateConfig,
+    RankConfig,
+    ReportConfig,
+    ScoreConfig,
+    SFTConfig,
+    SweepConfig,
+    TrainConfig,
+    add_arguments,
+    resolve,
+)
+from .errors import TrainingError
 
-from .config import add_arguments, resolve
 
-# command -> ("module:ConfigClass", "module:function" of the API it runs, one-line help).
-# Config modules must import light (no torch at module top): --help imports them all.
+# The runners import their command's module when called: `dpolab --help` (and every parse)
+# stays light, no torch, since configs and their --help come from config.py alone.
+def run_train(cfg):
+    from .train import train  # why: torch + transformers, only when training
+
+    return train(cfg)
+
+
+def run_sft(cfg):
+    from .train import sft  # why: as run_train
+
+    return sft(cfg)
+
+
+def run_score(cfg):
+    from .score import score  # why: loads models (torch)
+
+    return score(cfg)
+
+
+def run_eval(cfg):
+    from .evaluate import evaluate  # why: loads models (torch)
+
+    return evaluate(cfg)
+
+
+def run_rank(cfg):
+    from .rank import rank  # why: loads models (torch)
+
+    return rank(cfg)
+
+
+def run_report(cfg):
+    from .report import report  # why: matplotlib, only when a report is drawn
+
+    return report(cfg)
+
+
+def run_generate(cfg):
+    from .generate import generate  # why: loads models (torch)
+
+    return generate(cfg)
+
+
+def run_experiment(cfg):
+    from .experiments.sentiment import run  # why: the whole pipeline (torch, trl)
+
+    return run(cfg)
+
+
+def run_sweep(cfg):
+    from .experiments.sentiment import sweep  # why: as run_experiment
+
+    return sweep(cfg)
+
+
+# command -> (its config class, the runner of its Python API, one-line help)
 COMMANDS = {
-    "train": ("dpolab.config:TrainConfig", "dpolab.train:train", "Train with DPO or another loss of the family."),
-    "sft": ("dpolab.config:SFTConfig", "dpolab.train:sft", "Supervised fine-tuning on prompt + chosen."),
-    "score": ("dpolab.score:ScoreConfig", "dpolab.score:score", "Implicit reward of responses, per response and per token."),
-    "eval": ("dpolab.evaluate:EvalConfig", "dpolab.evaluate:evaluate", "Preference accuracy; win rate, reward and KL from samples."),
-    "rank": ("dpolab.rank:RankConfig", "dpolab.rank:rank", "Rank several models on the same pairs or prompts."),
-    "report": ("dpolab.report:ReportConfig", "dpolab.report:report", "Self-contained HTML report of one or more runs."),
-    "generate": ("dpolab.generate:GenerateConfig", "dpolab.generate:generate", "Sample completions, score them, write preference pairs."),
-    "experiment": ("dpolab.experiments.sentiment:ExperimentConfig", "dpolab.experiments.sentiment:run", "The paper's controlled-sentiment experiment."),
-    "sweep": ("dpolab.experiments.sentiment:SweepConfig", "dpolab.experiments.sentiment:sweep", "The experiment pipeline over a grid of one config field."),
+    "train": (TrainConfig, run_train, "Train with DPO or another loss of the family."),
+    "sft": (SFTConfig, run_sft, "Supervised fine-tuning on prompt + chosen."),
+    "score": (ScoreConfig, run_score, "Implicit reward of responses, per response and per token."),
+    "eval": (EvalConfig, run_eval, "Preference accuracy; win rate, reward and KL from samples."),
+    "rank": (RankConfig, run_rank, "Rank several models on the same pairs or prompts."),
+    "report": (ReportConfig, run_report, "Self-contained HTML report of one or more runs."),
+    "generate": (GenerateConfig, run_generate, "Sample completions, score them, write preference pairs."),
+    "experiment": (ExperimentConfig, run_experiment, "The paper's controlled-sentiment experiment."),
+    "sweep": (SweepConfig, run_sweep, "The experiment pipeline over a grid of one config field."),
 }
-
-
-def _resolve_name(spec: str):
-    module, name = spec.split(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def available() -> dict:
-    """Commands whose modules exist in this install (later issues add theirs)."""
-    out = {}
-    for name, (cfg_spec, target, help_text) in COMMANDS.items():
-        try:
-            out[name] = (_resolve_name(cfg_spec), target, help_text)
-        except ModuleNotFoundError as e:
-            if not (e.name or "").startswith("dpolab"):
-                raise
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpolab", description="Direct Preference Optimization and its family.", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (cls, _, help_text) in available().items():
+    for name, (cls, _, help_text) in COMMANDS.items():
         # allow_abbrev=False: `--los` must be an error, not silently `--loss`
         p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or help_text).strip(), allow_abbrev=False)
         add_arguments(p, cls)
     return parser
 
 
-def user_errors() -> tuple[type, ...]:
-    from .data.files import DataError
-    from .models import ModelError
-    from .errors import TrainingError
-
-    return (DataError, ModelError, TrainingError, ValueError, FileNotFoundError, PermissionError, OSError)
+# What ends as one line and exit code 2: data.DataError and models.ModelError are ValueErrors,
+# FileNotFoundError and PermissionError are OSErrors.
+USER_ERRORS = (ValueError, TrainingError, OSError)
 
 
 def quiet_libraries() -> None:
     """Our errors are one line: the hub client's own network warnings would add a second. In a
     log file (not a terminal) the libraries' progress bars are noise between our step lines."""
-    import logging
-
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # read when huggingface_hub is imported
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     if not sys.stderr.isatty():
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        from transformers.utils import logging as transformers_logging
+        from transformers.utils import logging as transformers_logging  # why: transformers imports torch
 
         transformers_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cls, target, _ = available()[args.command]
+    cls, runner, _ = COMMANDS[args.command]
     quiet_libraries()
     try:
-        cfg = resolve(cls, args)
-        _resolve_name(target)(cfg)
+        runner(resolve(cls, args))
     except KeyboardInterrupt as e:
         if not hasattr(e, "checkpoint_dir"):  # safety.Interrupted already said where its checkpoint is
             print("dpolab: interrupted", file=sys.stderr)
         return 130
-    except user_errors() as e:
+    except USER_ERRORS as e:
         if os.environ.get("DPOLAB_DEBUG"):
             raise
         message = str(e).splitlines()[0] if str(e) else type(e).__name__

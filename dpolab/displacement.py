@@ -16,7 +16,10 @@ counter it.
 
 from __future__ import annotations
 
+import dataclasses
 import html
+
+from .losses import needs_reference
 
 
 def _mean(rows: list[dict], key: str) -> float:
@@ -25,8 +28,6 @@ def _mean(rows: list[dict], key: str) -> float:
 
 def detect(records: list[dict], config: dict | None = None) -> dict | None:
     """The finding (a dict) when the train records of metrics.jsonl show displacement, else None."""
-    from .losses import needs_reference
-
     loss = (config or {}).get("loss")
     if config is not None and (not loss or not needs_reference(str(loss))):
         return None  # an SFT run, or a reference-free loss
@@ -67,8 +68,6 @@ def counter_options(config: dict) -> list[str]:
 
 def report_run(result: dict, cfg, accelerator) -> dict | None:
     """After a train run: print the finding once and add it to the result."""
-    import dataclasses
-
     finding = detect(result["history"], dataclasses.asdict(cfg))
     if finding is not None:
         result["likelihood_displacement"] = finding

@@ -26,6 +26,7 @@ import math
 import os
 
 import torch
+from accelerate.utils import broadcast_object_list
 
 
 class LaunchError(ValueError):
@@ -117,8 +118,6 @@ def main_decides(acc, decide):
     """Run `decide()` on rank 0 only and return its (picklable) answer on every rank."""
     answer = [decide() if acc.is_main_process else None]
     if acc.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
         broadcast_object_list(answer, from_process=0)
     return answer[0]
 
@@ -149,7 +148,7 @@ def prepare_frozen(model, acc):
     conf = acc.state.deepspeed_plugin.deepspeed_config if is_deepspeed(acc) else {}
     if conf.get("zero_optimization", {}).get("stage") != 3:
         return model.to(acc.device).eval()
-    import deepspeed
+    import deepspeed  # why: an optional extra, installed only for DeepSpeed launches
 
     conf = {k: v for k, v in copy.deepcopy(conf).items() if k not in ("optimizer", "scheduler")}
     engine, *_ = deepspeed.initialize(model=model, config=conf)

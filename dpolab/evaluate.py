@@ -24,43 +24,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import opt, resolve
+from .config import EvalConfig, resolve
 from .prompts import load_prompts, read_prompts  # noqa: F401 (load_prompts re-exported)
-
-
-@dataclass
-class EvalConfig:
-    """`dpolab eval`: preference accuracy on pairs; reward, win rate and KL from samples."""
-
-    model: str = opt("default", "Policy: a checkpoint dir, a LoRA adapter dir, 'default' or a hub id.")
-    ref_model: str = opt("", "Reference; empty = the adapter's base (LoRA) or the `model` in the run's config.yaml.")
-    beta: float = opt(0.0, "beta of the implicit reward; 0 = the beta the run was trained with (its config.yaml), else 0.1.")
-    data: str = opt("", "Held-out preference pairs for preference accuracy (any format `train` reads).")
-    prompts: str = opt("", "Prompt set for generation-based evaluation: a .txt file (one per line), a prompt column, or pairs whose prompts are used.")
-    limit: int = opt(0, "Use only the first N pairs / prompts (0 = all).")
-    reward: str = opt("", "Reward function for samples: sentiment | length | regex | module:function | a reward-model path.")
-    reward_pattern: str = opt("", "regex reward: the pattern (--reward regex --reward-pattern 'thank(s| you)').")
-    reward_absent: bool = opt(False, "regex reward: reward the pattern's absence instead.")
-    reward_target_length: int = opt(20, "length reward: target number of words.")
-    baseline: str = opt("reference", "What the policy's samples are compared with: reference | none | a model path.")
-    num_samples: int = opt(1, "Samples per prompt (policy and baseline alike).")
-    max_new_tokens: int = opt(48, "Tokens sampled per completion.")
-    temperature: float = opt(1.0, "Sampling temperature.")
-    top_p: float = opt(1.0, "Nucleus sampling threshold (1 = off).")
-    seed: int = opt(0, "Sampling seed (the same for policy and baseline) and bootstrap seed.")
-    ci: str = opt("wilson", "95% interval of accuracy and win rate: wilson | bootstrap.")
-    n_boot: int = opt(2000, "Bootstrap resamples (with --ci bootstrap).")
-    prompt_column: str = opt("prompt", "Column holding the prompt.")
-    chosen_column: str = opt("chosen", "Column holding the preferred completion.")
-    rejected_column: str = opt("rejected", "Column holding the dispreferred completion.")
-    max_length: int = opt(1024, "Max tokens of prompt + completion; longer pairs are truncated.")
-    max_prompt_length: int = opt(512, "Prompt tokens kept (from the end) when a pair is too long.")
-    batch_size: int = opt(8, "Sequences per forward pass / prompts per generation batch.")
-    packing: bool = opt(True, "Padding-free batches (positions restart per sequence).")
-    bf16: str = opt("false", "bf16 autocast: auto | true | false (false = exact fp32).")
-    device: str = opt("auto", "auto | cpu | cuda.")
-    trust_remote_code: bool = opt(False, "Allow model repos to run their own Python code.")
-    output_dir: str = opt("runs/eval", "Where eval.json is written.")
 
 
 def evaluate(cfg: EvalConfig | None = None, **overrides) -> dict:

@@ -31,48 +31,13 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from .config import opt, resolve
+from .config import PAIR_STRATEGIES as STRATEGIES, GenerateConfig, resolve
 from .prompts import BUILTIN_PROMPTS, encode_prompt, prompt_text, read_prompts, review_prefix  # noqa: F401 (re-exported)
 
-STRATEGIES = ("best-vs-worst", "random", "all")
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "</s>")
-
-
-@dataclass
-class GenerateConfig:
-    """`dpolab generate`: sample K completions per prompt, score them with a reward, write preference pairs."""
-
-    model: str = opt("default", "Model to sample from: 'default', a checkpoint dir or a hub id.")
-    prompts: str = opt("", "Prompt file: .txt (one per line), a prompt column, or a CSV/JSON with a `review` column "
-                           "(first prefix_words words). Empty = the built-in movie-review openings.")
-    prompt_column: str = opt("prompt", "Column holding the prompt (text or messages).")
-    prefix_words: int = opt(8, "Words of a `review` column kept as the prompt prefix.")
-    limit: int = opt(0, "Use only the first N prompts (0 = all).")
-    output: str = opt("runs/generate/pairs.jsonl", "JSONL file of pairs (appended to when resuming).")
-    reward: str = opt("sentiment", "Reward: sentiment | length | regex | module:function | a reward-model directory.")
-    reward_model: str = opt("", "A Hugging Face sequence-classification model directory used as the reward.")
-    reward_pattern: str = opt("", "Pattern of the regex reward.")
-    reward_absent: bool = opt(False, "regex reward: reward the pattern's absence instead.")
-    reward_target_length: int = opt(20, "length reward: target number of words.")
-    num_samples: int = opt(4, "K: completions sampled per prompt.")
-    max_new_tokens: int = opt(48, "Tokens sampled per completion at most.")
-    temperature: float = opt(1.0, "Sampling temperature (0 = greedy).")
-    top_p: float = opt(1.0, "Nucleus sampling threshold (1 = off).")
-    seed: int = opt(0, "Sampling and labelling seed.")
-    batch_size: int = opt(16, "Sequences per generation batch.")
-    chat: bool = opt(False, "Wrap plain-text prompts as a user message in the chat template.")
-    pair_strategy: str = opt("best-vs-worst", "Pairs per prompt: best-vs-worst | random | all.")
-    min_gap: float = opt(0.0, "Drop pairs whose score gap is below this (equal scores are always dropped).")
-    flip_rate: float = opt(0.0, "Label noise: fraction of pairs whose chosen/rejected are swapped.")
-    bt_temperature: float = opt(0.0, "Label noise: sample labels with P = sigmoid(gap / T) (0 = always the higher score).")
-    overwrite: bool = opt(False, "Start the output over instead of resuming it.")
-    bf16: str = opt("false", "bf16 autocast while sampling: auto | true | false.")
-    device: str = opt("auto", "auto | cpu | cuda.")
-    trust_remote_code: bool = opt(False, "Allow model repos to run their own Python code.")
-    progress: bool = opt(True, "Show the live progress bar.")
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import torch
 
+from . import reference as ref
 from .data.collate import collate_pairs
 from .data.tokenize import TokenizedPair
+from .logprobs import pair_logps
 
 NAME = "kto"
 
@@ -56,9 +58,6 @@ def collate(examples, pad_id: int, layout, max_length: int) -> dict:
 
 def objective(params, model, reference, batch: dict, run):
     """KTO batch -> (per-example losses (B,), stats); `params` = (beta, desirable_weight, undesirable_weight)."""
-    from . import reference as ref
-    from .logprobs import pair_logps
-
     beta, w_d, w_u = params
     reference_logps, reference_kl_logps = ref.reference_logps(model, reference, batch, run.autocast)
     policy_logps, policy_kl_logps = pair_logps(model, batch)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from . import reference as ref
 from .data.collate import collate_units
+from .logprobs import forward_logps, sequence_logps
 
 NAME = "plackett_luce"
 
@@ -54,9 +56,6 @@ def collate(lists, pad_id: int, layout) -> dict:
 
 def objective(beta: float, model, reference, batch: dict, run):
     """Listwise batch -> (per-prompt losses (B,), stats)."""
-    from . import reference as ref
-    from .logprobs import forward_logps, sequence_logps
-
     def all_logps(m, b):
         return sequence_logps(forward_logps(m, b), b), None
 

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import torch
 
+from . import attention
+from .attention import SUPPORTED, model_config
+
 CHUNK = 2048  # rows of the P x V logits upcast to fp32 at a time
 
 
@@ -71,8 +74,6 @@ def model_inputs(model, batch: dict) -> dict:
     if custom:
         _check_window(model, batch)
     if batch.get("segments") is not None:
-        from . import attention
-
         attention.enable(model)
         kwargs["dpolab_segments"] = batch["segments"]
         # an all-ones padding mask: transformers then skips building a T x T mask nobody reads
@@ -84,8 +85,6 @@ def model_inputs(model, batch: dict) -> dict:
 
 def _check_window(model, batch: dict) -> None:
     """Our masks and segments are full causal: refuse sequences longer than a sliding attention window."""
-    from .attention import model_config
-
     window = getattr(model_config(model), "sliding_window", None)
     if window and int(batch["position_ids"].max()) >= window:
         raise ValueError(f"a sequence is longer than the model's sliding attention window ({window} tokens): "
@@ -94,8 +93,6 @@ def _check_window(model, batch: dict) -> None:
 
 def _mask_for(model, mask: torch.Tensor) -> torch.Tensor:
     """A boolean 4D mask as the model's attention expects it: SDPA takes bool, eager adds a float mask."""
-    from .attention import SUPPORTED, model_config
-
     impl = getattr(model_config(model), "_attn_implementation", "sdpa")
     if impl not in SUPPORTED:
         raise ValueError(f"prefix sharing needs sdpa or eager attention, the model uses {impl}: pass --no-prefix-sharing")
@@ -106,8 +103,6 @@ def _mask_for(model, mask: torch.Tensor) -> torch.Tensor:
 
 def forward_logps(model, batch: dict) -> torch.Tensor:
     """Per-token completion log-probs (K,) fp32, in the order of batch['targets']."""
-    from . import attention
-
     before = attention.calls
     if torch.is_autocast_enabled(batch["input_ids"].device.type):
         fp32_head(model)

@@ -6,6 +6,7 @@ Only the main process writes or draws; other ranks get a logger that does nothin
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ class MetricsLogger:
         if start_step > 0 and path.exists():
             _drop_after(path, start_step)  # steps after the resumed checkpoint are redone
         self.file = open(path, "a")
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # why: ~1 s to import; print_table's users (report, experiments) log nothing
 
         self.writer = SummaryWriter(str(output_dir / "tensorboard"))
         # A live bar only on a terminal: in a log file (nohup, a cluster job) it would print
@@ -122,8 +123,6 @@ def _clock(seconds: float) -> str:
 
 def _drop_after(path: Path, step: int) -> None:
     """Keep only records up to `step` (atomically), so a resumed run logs each step once."""
-    import os
-
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))

@@ -10,14 +10,19 @@ config, loads the state dict and writes a normal safetensors checkpoint into the
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+import yaml
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .perms import public
 
@@ -51,8 +56,6 @@ def default_model_path() -> Path:
     if (target / "model.safetensors").exists():
         return target
     gguf = _gguf_location()
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     log.info("converting %s to safetensors in %s (once)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -106,8 +109,6 @@ def _is_model_dir(path: Path) -> bool:
 
 def run_model_dir(run_dir: Path) -> Path | None:
     """The model a run directory holds: `final/`, else the newest `checkpoint-N` (None: neither)."""
-    import re
-
     if _is_model_dir(run_dir / "final"):
         return run_dir / "final"
     steps = [(int(m.group(1)), p) for p in run_dir.glob("checkpoint-*")
@@ -120,8 +121,6 @@ def trained_beta(model: str, beta: float) -> float:
     from (runs/x, runs/x/final, runs/x/checkpoint-N), else DPO's usual 0.1."""
     if beta > 0:
         return beta
-    import yaml
-
     path = Path(resolve_model_path(model)) if model and model != DEFAULT_MODEL else None
     recorded = path.parent / "config.yaml" if path is not None else None
     if recorded is not None and recorded.is_file():
@@ -140,8 +139,6 @@ def hub_error(name: str, error: Exception) -> ModelError:
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
     path = resolve_model_path(name)
     if Path(path, "adapter_config.json").exists():
         if not Path(path, "tokenizer_config.json").exists():
@@ -156,8 +153,6 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 
 
 def _adapter_base(path: str) -> str:
-    import json
-
     base = json.loads(Path(path, "adapter_config.json").read_text())["base_model_name_or_path"]
     return resolve_model_path(base)
 
@@ -167,12 +162,8 @@ def load_model(name: str, *, trust_remote_code: bool = False, dtype=torch.float3
 
     Weights are read from safetensors only: a checkpoint holding only pickled weights is refused.
     """
-    from transformers import AutoModelForCausalLM
-
     path = resolve_model_path(name)
     if Path(path, "adapter_config.json").exists():
-        from peft import PeftModel
-
         base = load_model(_adapter_base(path), trust_remote_code=trust_remote_code, dtype=dtype)
         return PeftModel.from_pretrained(base, path, is_trainable=True)
     if Path(path).is_dir() and not any(Path(path).glob("*.safetensors")):
@@ -187,8 +178,6 @@ def load_model(name: str, *, trust_remote_code: bool = False, dtype=torch.float3
 
 def add_lora(model, r: int, alpha: int, dropout: float, targets: str):
     """Wrap `model` with trainable LoRA adapters; the frozen base doubles as the reference."""
-    from peft import LoraConfig, get_peft_model
-
     target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, config)

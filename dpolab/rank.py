@@ -16,45 +16,9 @@ intervals from resampling items. Outputs: rank.json, win_matrix.png and a ranked
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-from .config import opt, resolve
-
-
-@dataclass
-class RankConfig:
-    """`dpolab rank`: several checkpoints on the same pairs or prompts; win matrix and Bradley-Terry ranking."""
-
-    models: str = opt("", "Comma-separated model paths (checkpoints, LoRA adapters, 'default').")
-    names: str = opt("", "Comma-separated display names (default: the paths).")
-    ref_model: str = opt("", "Reference for every model in pairs mode; empty = each model's own (adapter base / run config).")
-    beta: float = opt(0.1, "beta of the implicit reward (pairs mode).")
-    data: str = opt("", "Preference pairs: rank by correct implicit-reward ordering.")
-    prompts: str = opt("", "Prompt set: rank by the judge's reward of each model's samples (needs --reward).")
-    reward: str = opt("", "Judge for prompts mode: sentiment | length | regex | module:function | a reward-model path.")
-    reward_pattern: str = opt("", "regex reward: the pattern (--reward regex --reward-pattern 'thank(s| you)').")
-    reward_absent: bool = opt(False, "regex reward: reward the pattern's absence instead.")
-    reward_target_length: int = opt(20, "length reward: target number of words.")
-    limit: int = opt(0, "Use only the first N pairs / prompts (0 = all).")
-    num_samples: int = opt(1, "Samples per prompt and model.")
-    max_new_tokens: int = opt(48, "Tokens sampled per completion.")
-    temperature: float = opt(1.0, "Sampling temperature.")
-    top_p: float = opt(1.0, "Nucleus sampling threshold (1 = off).")
-    seed: int = opt(0, "Sampling and bootstrap seed.")
-    n_boot: int = opt(1000, "Bootstrap resamples of the items for the rating intervals.")
-    prior: float = opt(0.1, "Pseudo-wins added both ways to every pair of models (keeps ratings finite).")
-    prompt_column: str = opt("prompt", "Column holding the prompt.")
-    chosen_column: str = opt("chosen", "Column holding the preferred completion.")
-    rejected_column: str = opt("rejected", "Column holding the dispreferred completion.")
-    max_length: int = opt(1024, "Max tokens of prompt + completion.")
-    max_prompt_length: int = opt(512, "Prompt tokens kept (from the end) when a pair is too long.")
-    batch_size: int = opt(8, "Sequences per forward pass / prompts per generation batch.")
-    packing: bool = opt(True, "Padding-free batches.")
-    bf16: str = opt("false", "bf16 autocast: auto | true | false.")
-    device: str = opt("auto", "auto | cpu | cuda.")
-    trust_remote_code: bool = opt(False, "Allow model repos to run their own Python code.")
-    output_dir: str = opt("runs/rank", "Where rank.json and win_matrix.png are written.")
+from .config import RankConfig, resolve
 
 
 def split_list(text: str) -> list[str]:

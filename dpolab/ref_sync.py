@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_model, save_model
 
 FOLDER = "reference-sync"
 _FILE = re.compile(r"^step-(\d+)\.safetensors$")
@@ -53,16 +54,12 @@ class ReferenceSync:
         return self.folder / f"step-{step}.safetensors"
 
     def _load(self, step: int) -> None:
-        from safetensors.torch import load_model
-
         path = self._path(step)
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: the TR-DPO reference of step {step} is needed to resume exactly")
         load_model(self.reference, str(path), device=str(next(self.reference.parameters()).device))
 
     def _save(self, step: int) -> None:
-        from safetensors.torch import save_model
-
         if self.acc.is_main_process:
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = self.folder / f".step-{step}.tmp{os.getpid()}"

@@ -22,11 +22,15 @@ import html
 import io
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from . import displacement
-from .config import opt, resolve
+from .config import ReportConfig, names_list, resolve
+from .evaluate import result_rows
+from .rank import RANK_COLUMNS, ranking_rows, win_matrix_png
+from .score import ATTRIBUTION_CSS, attribution_html
 
 CURVES = [  # (panel title, [(metric key, line style)])
     ("loss", [("loss", "-")]),
@@ -39,21 +43,9 @@ CURVES = [  # (panel title, [(metric key, line style)])
 FOUND_IN_RUN = ("metrics.jsonl", "eval.json", "rank.json", "tokens.jsonl")
 
 
-@dataclass
-class ReportConfig:
-    """`dpolab report`: self-contained HTML report (curves, eval tables, ranking, attribution) of run directories."""
-
-    runs: str = opt("", "Run directories (positional, or comma-separated) holding metrics.jsonl, eval.json, rank.json and/or tokens.jsonl.", positional=True)
-    output: str = opt("", "HTML file to write (default: report.html in the first run directory).")
-    title: str = opt("dpolab report", "Title of the report.")
-    examples: int = opt(5, "Per-token attribution examples shown per run.")
-
-
 def report(cfg: ReportConfig | None = None, **overrides) -> Path:
     cfg = cfg or resolve(ReportConfig, **overrides)
-    runs = [r.strip() for r in cfg.runs.split(",") if r.strip()] if isinstance(cfg.runs, str) else list(cfg.runs)
-    if not runs:
-        raise ValueError("report needs at least one run directory: dpolab report RUN_DIR [RUN_DIR...]")
+    runs = names_list(cfg.runs)
     out = Path(cfg.output) if cfg.output else Path(runs[0]) / "report.html"
     path = build_report(runs, out, title=cfg.title, examples=cfg.examples)
     print(f"dpolab report: {path} ({path.stat().st_size // 1024} KiB, self-contained)")
@@ -90,8 +82,6 @@ def build_report(run_dirs, out_path, extra_sections=None, *, title: str = "dpola
 # ----------------------------------------------------------------------------- reading runs
 def load_run(path: Path) -> dict:
     """Everything the report uses from one run directory."""
-    import yaml
-
     if not path.is_dir():
         raise ValueError(f"{path}: run directory not found")
     found = {name: sorted(path.glob(name)) + sorted(path.glob(f"*/{name}")) for name in FOUND_IN_RUN}
@@ -154,32 +144,9 @@ def runs_table(runs: list[dict]) -> str:
     return table(["run", "model", "loss", "beta", "lr", "steps", "train loss", "eval loss", "eval accuracy"], rows)
 
 
-def curves_png(runs: list[dict]) -> bytes:
-    """Grid of training-curve panels in one PNG; each run one colour, train as lines, eval as dots."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = _panels(runs)
-    cols = min(3, len(panels))
-    rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False)
-    for ax, (title, keys) in zip(axes.flat, panels):
-        _draw_panel(ax, runs, title, keys)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
-    return savefig(fig)
-
-
 def curve_pngs(runs: list[dict]) -> list[tuple[str, bytes]]:
     """One PNG per panel (the page lays them out: three across on a desktop, one on a phone)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out = []
     for n, (title, keys) in enumerate(_panels(runs)):
@@ -197,7 +164,7 @@ def _panels(runs: list[dict]) -> list:
 
 
 def _draw_panel(ax, runs: list[dict], title: str, keys) -> None:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, r in enumerate(runs):
@@ -215,8 +182,18 @@ def _draw_panel(ax, runs: list[dict], title: str, keys) -> None:
     ax.grid(alpha=0.3)
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (PNG bytes, no display)."""
+    import matplotlib  # why: chosen here, not at import: importing dpolab must not switch a notebook's backend
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # why: after use("Agg")
+
+    return plt
+
+
 def savefig(fig) -> bytes:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
@@ -231,8 +208,6 @@ def curves_section(runs: list[dict]) -> str:
 
 
 def eval_section(result: dict) -> str:
-    from .evaluate import result_rows
-
     out = table(["metric", "value"], [list(r) for r in result_rows(result)])
     examples = (result.get("generation") or {}).get("examples") or []
     if examples:
@@ -243,16 +218,12 @@ def eval_section(result: dict) -> str:
 
 
 def rank_section(result: dict) -> str:
-    from .rank import RANK_COLUMNS, ranking_rows, win_matrix_png
-
     intro = (f"<p>{result.get('mode', '')} mode on {html.escape(str(result.get('source', '')))}: {result['items']} items, "
              f"score = {html.escape(str(result.get('measure', '')))}.</p>")
     return intro + table(RANK_COLUMNS, ranking_rows(result)) + png_img(win_matrix_png(result), "win matrix")
 
 
 def attribution_section(records: list[dict], examples: int) -> str:
-    from .score import attribution_html
-
     beta = records[0].get("beta", "?")
     intro = (f"<p>Tokens shaded by beta*(log pi(y_t) - log pi_ref(y_t)) with beta = {beta}: green = raised by training, "
              f"red = lowered. First {min(examples, len(records))} of {len(records)} responses; hover (or tap) a token for its value.</p>")
@@ -277,8 +248,6 @@ nav a { margin-right: 14px; font-size: 14px; }
 
 
 def page(title: str, sections: list[tuple[str, str]], run_paths: list[str]) -> str:
-    from .score import ATTRIBUTION_CSS
-
     anchors = [f"s{i}" for i in range(len(sections))]
     nav = "".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, (t, _) in zip(anchors, sections))
     body = "".join(f'<section id="{a}"><h2>{html.escape(t)}</h2>{content}</section>'

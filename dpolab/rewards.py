@@ -24,6 +24,12 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+from .models import pick_device
+
 RewardFn = Callable[[list[str], list[str]], list[float]]
 BUILTIN = ("sentiment", "length", "regex")
 OPTIONS = {
@@ -59,8 +65,6 @@ def reward_from_config(cfg) -> RewardFn:
     """The reward a command's config names, with its options: `reward` (or `reward_model`, which
     wins), `reward_pattern` / `reward_absent` (regex), `reward_target_length` (length). The
     same fields in every config that takes a reward (generate, eval, rank, experiment)."""
-    from pathlib import Path
-
     model = getattr(cfg, "reward_model", "")
     spec = model or cfg.reward
     if model and not Path(model).is_dir():
@@ -90,8 +94,6 @@ def reward_kind(spec: str) -> str:
 # ----------------------------------------------------------------------------- built-in rewards
 def sentiment_reward() -> RewardFn:
     """VADER (a rule-based lexicon analyser) compound score of each completion, in [-1, 1]."""
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
     analyser = SentimentIntensityAnalyzer()
 
     def sentiment(prompts: list[str], completions: list[str]) -> list[float]:
@@ -186,11 +188,6 @@ def checked(fn: RewardFn, spec: str) -> RewardFn:
 def classifier_reward(path: str, label: str | int | None = None, with_prompt: bool = True, batch_size: int = 16,
                       device: str = "auto", trust_remote_code: bool = False, max_length: int = 512) -> RewardFn:
     """A Hugging Face sequence-classification model (safetensors weights) as a reward."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from .models import pick_device
-
     if not any(Path(path).glob("*.safetensors")):
         raise ValueError(f"reward model {path}: no .safetensors weights (pickled checkpoints are refused)")
     dev = pick_device(device)
@@ -238,8 +235,6 @@ def _label_index(config, label, path: str) -> int | None:
 
 def _score(logits, index):
     """logits (B, C) -> reward (B,): the logit (C = 1) or the class log-odds."""
-    import torch
-
     if index is None:
         return logits[:, 0]
     others = torch.cat([logits[:, :index], logits[:, index + 1 :]], dim=1)

@@ -21,33 +21,9 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import opt, resolve
+from .config import ScoreConfig, resolve
 
 ADAPTER = "adapter"  # reference = the policy with its LoRA adapter disabled
-
-
-@dataclass
-class ScoreConfig:
-    """`dpolab score`: implicit reward beta*(log pi - log pi_ref) of responses, ranked per prompt."""
-
-    model: str = opt("default", "Policy: a checkpoint dir, a LoRA adapter dir, 'default' or a hub id.")
-    ref_model: str = opt("", "Reference; empty = the adapter's base (LoRA) or the `model` in the run's config.yaml.")
-    data: str = opt("", "Rows {prompt, response} or {prompt, response: [candidates...]}, or preference pairs "
-                        "(chosen and rejected are scored as two candidates).")
-    output_dir: str = opt("runs/score", "Writes scores.jsonl (+ tokens.jsonl and tokens.html with --per-token).")
-    beta: float = opt(0.0, "beta of the implicit reward; 0 = the beta the run was trained with (its config.yaml), else 0.1.")
-    per_token: bool = opt(False, "Also save and show the per-token reward of every response.")
-    show: int = opt(3, "Prompts shown in the terminal (all rows are saved).")
-    limit: int = opt(0, "Score only the first N rows (0 = all).")
-    prompt_column: str = opt("prompt", "Column holding the prompt (text or messages).")
-    response_column: str = opt("response", "Column holding a response or a list of candidate responses.")
-    max_length: int = opt(1024, "Max tokens of prompt + response; longer responses are cut.")
-    max_prompt_length: int = opt(512, "Prompt tokens kept (from the end) when a row is too long.")
-    batch_size: int = opt(8, "Sequences per forward pass.")
-    packing: bool = opt(True, "Padding-free batches (positions restart per sequence).")
-    bf16: str = opt("false", "bf16 autocast: auto | true | false (false = exact fp32 rewards).")
-    device: str = opt("auto", "auto | cpu | cuda.")
-    trust_remote_code: bool = opt(False, "Allow model repos to run their own Python code.")
 
 
 # ----------------------------------------------------------------------------- models

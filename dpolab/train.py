@@ -16,15 +16,21 @@ are reduced as sums and counts across processes.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import get_scheduler
 
 from . import checkpoint
-from .config import SFTConfig, TrainConfig, prompt_limit, resolve, save as save_config
+from .config import SFTConfig, TrainConfig, _floats, prompt_limit, resolve, save as save_config
+from .conventions import warn_trl_conventions
 from .data import load_pairs, split_eval
 from .data.listwise import load_listwise
 from .data.unpaired import load_unpaired
@@ -32,7 +38,9 @@ from .data.collate import Layout, batch_tokens, collate, collate_pairs, to_devic
 from .losses import LossParams, PairLogps, compute_loss, needs_reference
 from .logprobs import forward_logps, sequence_logps
 from .metrics import MetricsLogger
-from .models import add_lora, bf16_default, cache_dir, load_model, load_tokenizer, resolve_model_path, round_to_bf16
+from .models import (add_lora, bf16_default, cache_dir, load_model, load_tokenizer, resolve_model_path, round_to_bf16,
+                     same_tokenizer)
+from .ref_sync import ReferenceSync
 from . import displacement, distributed, kto, length_desensitize, listwise, reference as ref
 from . import safety
 from .errors import TrainingError
@@ -111,8 +119,6 @@ def reference_sync(cfg: TrainConfig, run: Run, reference):
     if not isinstance(reference, torch.nn.Module) or distributed.is_sharded(run.accelerator):
         raise TrainingError("--sync-ref-every (TR-DPO) needs a separate reference model on every process: "
                             "not with a reference-free loss, --lora, --precompute-ref, FSDP or DeepSpeed")
-    from .ref_sync import ReferenceSync
-
     return ReferenceSync(reference, cfg.sync_ref_every, cfg.ref_mix_alpha, run.output_dir, run.accelerator)
 
 
@@ -133,8 +139,6 @@ def sft(cfg: SFTConfig | None = None, **overrides) -> dict:
 
 def _after_sft_stage(cfg: TrainConfig) -> TrainConfig:
     """Run SFT on the same data first; its result becomes the DPO policy and reference."""
-    import dataclasses
-
     sft_dir = Path(cfg.output_dir) / "sft"
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(SFTConfig) if f.name not in ("lr", "output_dir")}
     if not (sft_dir / "final").exists():
@@ -145,9 +149,6 @@ def _after_sft_stage(cfg: TrainConfig) -> TrainConfig:
 # ----------------------------------------------------------------------------- objectives
 def loss_params(cfg: TrainConfig) -> LossParams:
     """The loss hyper-parameters of a train config (TRL conventions that differ are warned about once)."""
-    from .config import _floats
-    from .conventions import warn_trl_conventions
-
     warn_trl_conventions(cfg)
     return LossParams(
         cfg.beta, cfg.label_smoothing, cfg.gamma, cfg.alpha, cfg.sft_weight, f_divergence=cfg.f_divergence,
@@ -196,9 +197,6 @@ def sft_objective(model, batch: dict):
 
 # ----------------------------------------------------------------------------- set-up
 def start_run(cfg) -> Run:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
     distributed.check_launch()
     accelerator = Accelerator(cpu=distributed.use_cpu(cfg.device), gradient_accumulation_steps=cfg.grad_accum)
     distributed.check_accumulation(accelerator, cfg.grad_accum)
@@ -239,8 +237,6 @@ def _claim_output_dir(cfg, output_dir: Path) -> str | None:
 
 def record_config(run: Run) -> None:
     """(Rank 0) config.yaml with bf16 as it resolved here, so `--config` repeats the same run."""
-    import dataclasses
-
     if run.accelerator.is_main_process:
         resolved = dataclasses.replace(run.cfg, bf16=str(run.bf16).lower())
         save_config(resolved, run.output_dir / "config.yaml", notes={"bf16": f"requested {run.cfg.bf16}"})
@@ -341,8 +337,6 @@ def finish_reference(cfg: TrainConfig, run: Run, policy, reference, pairs):
 
 
 def _frozen(path: str, cfg, run: Run):
-    from .models import same_tokenizer
-
     if path != cfg.model and not same_tokenizer(run.tokenizer, load_tokenizer(path, cfg.trust_remote_code)):
         raise TrainingError(f"reference model {path} uses a different tokenizer than the policy {cfg.model}")
     with distributed.full_copy_loading():
@@ -355,7 +349,7 @@ def _frozen(path: str, cfg, run: Run):
 def fit(run: Run, model, train_idx: list[int], eval_idx: list[int], objective, make_batch, on_prepared=None,
         on_step=None) -> dict:
     cfg, acc = run.cfg, run.accelerator
-    world, per_step = acc.num_processes, cfg.batch_size * cfg.grad_accum * acc.num_processes
+    per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes
     steps_per_epoch = len(train_idx) // per_step
     if steps_per_epoch == 0:
         raise TrainingError(f"{len(train_idx)} training pairs is fewer than one step's {per_step} (batch_size x grad_accum x processes)")
@@ -426,8 +420,6 @@ def step_indices(train_idx: list[int], step: int, steps_per_epoch: int, per_step
 
 
 def make_optimizer(cfg, model, total_steps: int):
-    from transformers import get_scheduler
-
     params = [p for p in model.parameters() if p.requires_grad]
     # The fused kernel updates every tensor in one pass: on CPU several times faster than the
     # per-tensor loop (seconds per step for 135M parameters), the same update up to rounding.
@@ -588,8 +580,6 @@ def _merged(unwrapped, run: Run):
     sharded run rebuilds the model from the consolidated final/ on CPU."""
     if distributed.is_sharded(run.accelerator):
         return load_model(str(run.output_dir / "final"), trust_remote_code=run.cfg.trust_remote_code).merge_and_unload()
-    import copy
-
     return copy.deepcopy(unwrapped).merge_and_unload()
 
 

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from .config import SFTConfig, opt
+from .data.collate import Layout, collate, to_device
+from .logprobs import forward_logps, split_tokens
+from .train import build_policy, fit, load_data, start_run
 
 
 def log1m_exp(logps: torch.Tensor) -> torch.Tensor:
@@ -57,10 +60,6 @@ class UnlikelihoodConfig(SFTConfig):
 
 def train_unlikelihood(cfg: UnlikelihoodConfig) -> dict:
     """Train with the unlikelihood loss through dpolab's loop (data, checkpoints, metrics as `sft`)."""
-    from .data.collate import Layout, collate, to_device
-    from .logprobs import forward_logps, split_tokens
-    from .train import build_policy, fit, load_data, start_run
-
     run = start_run(cfg)
     pairs, train_idx, eval_idx = load_data(cfg, run)
     policy = build_policy(cfg, run)

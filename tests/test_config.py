@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpolab.cli import available, build_parser
+from dpolab.cli import COMMANDS, build_parser
 from dpolab.config import SFTConfig, TrainConfig, add_arguments, resolve, save
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,9 +50,9 @@ def test_resolved_config_round_trips(tmp_path):
     assert again == cfg
 
 
-@pytest.mark.parametrize("command", sorted(available()))
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_help_lists_every_option_with_default(command, capsys):
-    cls = available()[command][0]
+    cls = COMMANDS[command][0]
     with pytest.raises(SystemExit):
         build_parser().parse_args([command, "--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -67,7 +67,7 @@ def test_every_shipped_yaml_config_parses():
     files = [p for p in (REPO / "examples").glob("*.yaml")]
     for path in files:
         data = yaml.safe_load(path.read_text())
-        names = {f.name for cls in (c for c, _, _ in available().values()) for f in dataclasses.fields(cls)}
+        names = {f.name for cls in (c for c, _, _ in COMMANDS.values()) for f in dataclasses.fields(cls)}
         assert set(data) <= names, f"{path.name}: unknown keys {set(data) - names}"
 
 
@@ -80,7 +80,7 @@ def test_yaml_with_python_tags_is_refused(tmp_path):
 
 
 def test_positional_run_dirs_for_report():
-    from dpolab.report import ReportConfig
+    from dpolab.config import ReportConfig
 
     args = build_parser().parse_args(["report", "runs/a", "runs/b", "--title", "t"])
     cfg = resolve(ReportConfig, args)
@@ -99,3 +99,75 @@ def test_configs_built_in_python_are_validated_like_the_command_line():
     with _pytest.raises(ValueError, match="keep_last must be >= 0"):
         SFTConfig(keep_last=-1)
     assert TrainConfig(max_length=128).max_prompt_length == 0  # 0 = half of max_length, resolved where used
+
+
+def test_help_imports_no_torch():
+    """Building the parser (every command's --help) needs config.py only: no torch, no command module."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from dpolab.cli import build_parser; build_parser(); "
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft', 'trl') "
+            "or m in ('dpolab.train', 'dpolab.score', 'dpolab.evaluate', 'dpolab.models')); print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_commands_are_registered_by_reference():
+    for name, (cls, runner, help_text) in COMMANDS.items():
+        assert dataclasses.is_dataclass(cls) and callable(runner) and help_text, name
+
+
+def test_shared_fields_have_one_default_across_commands():
+    """A field shared by commands through an option group has the group's default everywhere
+    (max_length 512, bf16 auto), unless the command overrides it on purpose (listed here)."""
+    from dpolab import config
+
+    own = {("num_samples", "GenerateConfig"), ("num_samples", "ExperimentConfig"), ("num_samples", "SweepConfig"),
+           ("num_samples", "LabelNoiseConfig"), ("max_new_tokens", "ExperimentConfig"), ("max_new_tokens", "SweepConfig"),
+           ("max_new_tokens", "LabelNoiseConfig"), ("reward", "GenerateConfig"), ("reward", "ExperimentConfig"),
+           ("reward", "SweepConfig"), ("reward", "LabelNoiseConfig"), ("beta", "RankConfig")}
+    groups = [config.Runtime, config.ModelOptions, config.Lengths, config.Sampling, config.RewardSpec, config.PairColumns,
+              config.Scoring, config.ImplicitReward]
+    for name, (cls, _, _) in COMMANDS.items():
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for group in groups:
+            for g in dataclasses.fields(group):
+                if g.name in fields and (g.name, cls.__name__) not in own and issubclass(cls, group):
+                    assert fields[g.name].default == g.default, (name, g.name)
+    for cls in (config.TrainConfig, config.EvalConfig, config.ScoreConfig, config.RankConfig):
+        f = {f.name: f.default for f in dataclasses.fields(cls)}
+        assert (f["max_length"], f["bf16"]) == (512, "auto"), cls.__name__
+    assert config.GenerateConfig().bf16 == config.ExperimentConfig().bf16 == "auto"
+
+
+@pytest.mark.parametrize("cls_name, values, message", [
+    ("EvalConfig", {}, "nothing to evaluate"),
+    ("EvalConfig", {"data": "p.jsonl", "ci": "exact"}, "ci must be wilson or bootstrap"),
+    ("EvalConfig", {"prompts": "p.txt"}, "needs --reward"),
+    ("EvalConfig", {"data": "p.jsonl", "top_p": 0}, "top_p must be in"),
+    ("ScoreConfig", {}, "nothing to score"),
+    ("RankConfig", {"models": "a", "data": "p.jsonl"}, "at least two models"),
+    ("RankConfig", {"models": "a,b", "data": "p.jsonl", "prompts": "q.txt", "reward": "length"}, "not both"),
+    ("ReportConfig", {}, "at least one run directory"),
+    ("GenerateConfig", {"num_samples": 1}, "num_samples must be >= 2"),
+    ("GenerateConfig", {"pair_strategy": "best"}, "pair_strategy must be one of"),
+    ("GenerateConfig", {"temperature": -1.0}, "temperature must be >= 0"),
+    ("GenerateConfig", {"flip_rate": 2.0}, "flip_rate must be in"),
+    ("ExperimentConfig", {"bf16": "yes"}, "bf16 must be auto, true or false"),
+    ("SweepConfig", {"baselines": "ppo"}, "unknown baseline"),
+    ("LabelNoiseConfig", {"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+])
+def test_every_command_config_is_checked_at_construction(cls_name, values, message):
+    from dpolab import config
+
+    with pytest.raises(ValueError, match=message):
+        getattr(config, cls_name)(**values)
+
+
+def test_scoring_commands_resolve_a_zero_prompt_limit_to_half():
+    from dpolab.config import EvalConfig, ScoreConfig
+
+    assert ScoreConfig(data="x").max_prompt_length == 256  # max_length 512 by default
+    assert EvalConfig(data="x", max_length=100).max_prompt_length == 50
+    assert EvalConfig(data="x", max_length=100, max_prompt_length=10).max_prompt_length == 10

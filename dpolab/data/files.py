@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
+import itertools
 import json
 import os
 import zlib
@@ -45,10 +47,6 @@ class DataError(ValueError):
     def __init__(self, message: str):
         # Underlying library messages can contain newlines; the CLI prints exactly one line.
         super().__init__(" ".join(str(message).split()))
-
-
-def _where(source: str, row: int | None) -> str:
-    return f"{source}: row {row}" if row is not None else source
 
 
 def read_rows(source: str, split: str = "train") -> Iterator[tuple[int, dict]]:
@@ -85,8 +83,6 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[int, dict]]:
 def peek_rows(source: str, split: str = "train") -> tuple[tuple, Iterator]:
     """The first ``(row number, row)`` of ``source`` (to detect its format) and an iterator over
     all rows, that first one included. An empty file is a ``DataError``."""
-    import itertools
-
     rows = read_rows(str(source), split)
     first = next(rows, None)
     if first is None:
@@ -202,7 +198,7 @@ def _read_json(source: str) -> Iterator[tuple[int, dict]]:
 
 
 def _read_parquet(source: str) -> Iterator[tuple[int, dict]]:
-    import pyarrow.parquet as pq  # heavy; only when a parquet file is read
+    import pyarrow.parquet as pq  # why: heavy (with datasets, 0.6 s); only when a parquet file is read
 
     try:
         pf = pq.ParquetFile(source)
@@ -271,7 +267,7 @@ def _read_folder(source: str, split: str) -> Iterator[tuple[int, dict]]:
         # A folder of data files: let datasets' packaged loaders deal with it.
         yield from _read_hub(source, split)
         return
-    import datasets  # heavy; only when a datasets folder is read
+    import datasets  # why: 0.6 s to import; only when a datasets folder or hub name is read
 
     try:
         ds = datasets.load_from_disk(source)
@@ -285,7 +281,7 @@ def _read_folder(source: str, split: str) -> Iterator[tuple[int, dict]]:
 
 
 def _read_hub(source: str, split: str) -> Iterator[tuple[int, dict]]:
-    import datasets
+    import datasets  # why: as in _read_folder
 
     try:
         ds = datasets.load_dataset(source, split=split)
@@ -314,8 +310,6 @@ def source_fingerprint(source: str) -> str:
     Files: the sha256 of their bytes. Folders: the path plus every file's relative path, size and
     mtime. Anything else (a hub name): the name itself.
     """
-    import hashlib
-
     path = Path(source)
     if path.is_file():
         h = hashlib.sha256()

@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .files import DataError, _type_name, peek_rows
-from .formats import DataReport, _Drop, _blank
+from .formats import DataReport, _blank, _Drop
+from .tokenize import _adds_bos, load_pairs
 
 __all__ = ["ListwiseExample", "TokenizedList", "listwise_layout", "normalise_listwise", "load_listwise"]
 
@@ -111,8 +112,6 @@ def normalise_listwise(rows, source: str) -> tuple[list[ListwiseExample], DataRe
 
 def tokenize_listwise(examples, tokenizer, report: DataReport, max_length: int, max_prompt_length: int) -> list[TokenizedList]:
     """TRL's truncation rule on the longest response; EOS appended to every response."""
-    from .tokenize import _adds_bos
-
     eos, bos, adds_bos = tokenizer.eos_token_id, tokenizer.bos_token_id, _adds_bos(tokenizer)
     out = []
     for ex in examples:
@@ -140,8 +139,6 @@ def tokenize_listwise(examples, tokenizer, report: DataReport, max_length: int, 
 def load_listwise(source: str, tokenizer, *, max_length: int, max_prompt_length: int, prompt_column="prompt",
                   chosen_column="chosen", rejected_column="rejected", split="train", cache_dir=None):
     """Listwise rows (or preference pairs, as lists of two) -> ``(TokenizedList list, DataReport)``."""
-    from .tokenize import load_pairs
-
     first, rows = peek_rows(source, split)
     if listwise_layout(first[1]) is None:
         pairs, report = load_pairs(source, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,

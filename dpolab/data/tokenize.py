@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import jinja2
 import numpy as np
 
 from ..perms import public
@@ -111,8 +112,6 @@ def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_leng
 
 def _render_all(examples, tokenizer, report: DataReport) -> tuple[list[PreferenceExample], list[tuple]]:
     """Render every example; drop those the chat template cannot render as prompt + completion."""
-    import jinja2  # a transformers dependency; only its exception type is needed
-
     if any(not isinstance(e.prompt, str) for e in examples) and not _has_chat_template(tokenizer):
         first = next(e for e in examples if not isinstance(e.prompt, str))
         raise DataError(f"{report.source}: row {first.row}: field 'prompt': conversational data needs a "

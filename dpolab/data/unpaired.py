@@ -18,8 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jinja2
+
 from .files import DataError, _type_name, peek_rows
-from .formats import DataReport, _Drop, _blank, _messages, _no_content
+from .formats import DataReport, _blank, _Drop, _messages, _no_content
+from .tokenize import _adds_bos, load_pairs, truncate
 
 __all__ = ["UnpairedExample", "TokenizedCompletion", "is_unpaired", "normalise_unpaired", "tokenize_unpaired",
            "load_unpaired"]
@@ -109,10 +112,6 @@ def _render(example: UnpairedExample, tokenizer) -> tuple[str, str] | None:
 
 def tokenize_unpaired(examples, tokenizer, report: DataReport, max_length: int, max_prompt_length: int) -> list[TokenizedCompletion]:
     """Tokenise and truncate (TRL's rule, as for pairs); updates ``report`` (drops, truncated, kept)."""
-    import jinja2
-
-    from .tokenize import _adds_bos, truncate
-
     out = []
     eos, bos, adds_bos = tokenizer.eos_token_id, tokenizer.bos_token_id, _adds_bos(tokenizer)
     for ex in examples:
@@ -146,8 +145,6 @@ def tokenize_unpaired(examples, tokenizer, report: DataReport, max_length: int, 
 def load_unpaired(source: str, tokenizer, *, max_length: int, max_prompt_length: int, prompt_column="prompt",
                   chosen_column="chosen", rejected_column="rejected", split="train", cache_dir=None):
     """Unpaired data (or pairs, split into desirable + undesirable) -> ``(TokenizedCompletion list, DataReport)``."""
-    from .tokenize import load_pairs
-
     first, rows = peek_rows(source, split)
     if not is_unpaired(first[1], chosen_column):
         pairs, report = load_pairs(source, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import html
 
+from ..metrics import print_table
+from ..report import png_img, pyplot, savefig, table
+
 STYLE = {  # kind -> (colour, marker, legend label)
     "dpo": ("#d62728", "o", "DPO"),
     "rloo": ("#17becf", "h", "RLOO (online RL, KL-penalised reward)"),
@@ -23,12 +26,7 @@ COLUMNS = ["policy", "beta", "reward", "KL to ref", "win vs ref", "pref. acc."]
 
 def frontier_png(points: list[dict], title: str, reward_name: str = "reward") -> bytes:
     """Reward (y) against sequence KL to the reference (x), one marker per policy, error bars = 1 SE."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..report import savefig
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(9.5, 5.4))
     for kind, (colour, marker, label) in STYLE.items():
@@ -83,8 +81,6 @@ def table_rows(points: list[dict]) -> list[list[str]]:
 
 
 def results_section(points: list[dict], meta: dict) -> str:
-    from ..report import table
-
     intro = (f"<p>{meta['eval_prompts']} held-out prompts; policies: {meta['eval_samples']} samples per prompt, the "
              f"reference {meta['reference_samples']}. Reward: {html.escape(meta['reward'])} (mean ± SE). KL: mean ± SE of "
              "log pi(y|x) - log pi_ref(y|x) over the policy's own samples; best-of-N at its analytic bound "
@@ -95,8 +91,6 @@ def results_section(points: list[dict], meta: dict) -> str:
 
 
 def frontier_section(png: bytes) -> str:
-    from ..report import png_img
-
     note = ("<p>Each marker is one policy; error bars are one standard error. Up and to the left is better: more "
             "reward for less divergence from the reference (dotted line: the reference's reward).</p>")
     return note + png_img(png, "reward vs KL frontier")
@@ -119,6 +113,4 @@ def examples_section(prompts: list, points: list[dict], count: int = 6) -> str:
 
 
 def print_summary(points: list[dict], title: str, footer: str) -> None:
-    from ..metrics import print_table
-
     print_table(title, COLUMNS, table_rows(points), footer=footer)

@@ -23,38 +23,25 @@ deleted after measuring unless --keep-models (16 copies of a model fill a disk q
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from ..config import opt, resolve
-
-
-@dataclass
-class LabelNoiseConfig:
-    """The label-noise study (see the module docstring)."""
-
-    output_dir: str = opt("runs/label-noise", "Folder for pairs, runs, results.json/.md and label_noise.png.")
-    model: str = opt("default", "Model that samples the pairs and is trained (and the reference).")
-    reward: str = opt("sentiment", "Reward that labels the pairs and scores the trained policies' samples.")
-    prompts: str = opt("", "Prompt file (empty = the built-in movie-review openings).")
-    train_prompts: int = opt(96, "Prompts whose pairs are trained on.")
-    eval_prompts: int = opt(32, "Held-out prompts (clean pairs for accuracy; sampled for the reward).")
-    num_samples: int = opt(4, "Completions sampled per prompt for the pairs.")
-    max_new_tokens: int = opt(24, "Tokens per sampled completion.")
-    flip_rates: str = opt("0,0.1,0.2,0.3", "Comma-separated label flip rates.")
-    losses: str = opt("sigmoid,cdpo,robust,ipo", "Comma-separated losses compared.")
-    beta: float = opt(0.1, "beta of every loss.")
-    lr: float = opt(1e-5, "Learning rate of every run.")
-    batch_size: int = opt(8, "Pairs per step.")
-    epochs: float = opt(1.0, "Passes over the training pairs.")
-    eval_samples: int = opt(2, "Samples per held-out prompt for the reward measure.")
-    seed: int = opt(0, "Seed of sampling, flips and training.")
-    keep_models: bool = opt(False, "Keep the trained models (off: deleted after measuring).")
-    progress: bool = opt(False, "Show progress bars.")
+from ..config import LabelNoiseConfig, add_arguments, resolve
+from ..data import load_pairs
+from ..evaluate import accuracy_summary, pair_rewards
+from ..generate import generate, prompt_text, sample
+from ..models import cache_dir
+from ..report import pyplot
+from ..rewards import load_reward
+from ..score import load_model_pair
+from ..stats import mean_se
+from ..train import train
 
 
 def floats(text: str) -> list[float]:
@@ -94,8 +81,6 @@ def run(cfg: LabelNoiseConfig | None = None, **overrides) -> dict:
 
 def make_pairs(cfg: LabelNoiseConfig, out: Path) -> tuple[list[dict], list[dict]]:
     """Clean best-vs-worst pairs from `generate`, split by prompt into (train, held-out)."""
-    from ..generate import generate
-
     pairs_file = out / "pairs_clean.jsonl"
     generate(model=cfg.model, prompts=cfg.prompts, limit=cfg.train_prompts + cfg.eval_prompts, output=str(pairs_file),
              reward=cfg.reward, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
@@ -128,8 +113,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def train_and_measure(cfg, out: Path, loss: str, rate: float, data: Path, eval_file: Path, eval_rows) -> dict:
     """Train one (loss, flip rate) policy, measure it, and (unless keep_models) delete its weights."""
-    from ..train import train
-
     run_dir = out / "runs" / f"{loss}-flip{rate:g}"
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a rerun starts over: a half-written run is not resumed with new settings
@@ -146,14 +129,6 @@ def train_and_measure(cfg, out: Path, loss: str, rate: float, data: Path, eval_f
 
 def measure(cfg, policy_dir: Path, eval_file: Path, eval_rows: list[dict]) -> dict:
     """Preference accuracy vs clean labels and the mean true reward of the policy's samples."""
-    from ..evaluate import accuracy_summary, pair_rewards
-    from ..generate import prompt_text, sample
-    from ..models import cache_dir
-    from ..data import load_pairs
-    from ..rewards import load_reward
-    from ..score import load_model_pair
-    from ..stats import mean_se
-
     pair = load_model_pair(str(policy_dir), cfg.model, device="cpu")
     tokenized, _ = load_pairs(str(eval_file), pair.tokenizer, max_length=512, max_prompt_length=256,
                               cache_dir=str(cache_dir() / "data"))
@@ -184,12 +159,7 @@ def table(result: dict) -> str:
 
 def plot(points: list[dict]) -> bytes:
     """Accuracy (left) and held-out reward (right) against the flip rate, one line per loss."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for loss in dict.fromkeys(p["loss"] for p in points):
@@ -208,10 +178,6 @@ def plot(points: list[dict]) -> bytes:
 
 
 def main(argv=None) -> None:
-    import argparse
-
-    from ..config import add_arguments
-
     parser = argparse.ArgumentParser(prog="python -m dpolab.experiments.label_noise", description=LabelNoiseConfig.__doc__)
     add_arguments(parser, LabelNoiseConfig)
     run(resolve(LabelNoiseConfig, parser.parse_args(argv)))

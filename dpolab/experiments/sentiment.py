@@ -20,6 +20,7 @@ settings match, so a rerun or a sweep only computes what changed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,80 +28,33 @@ import math
 import random
 import time
 import typing
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import opt, resolve
+import yaml
 
-BASELINES = ("preferred-ft", "unlikelihood", "ipo", "cdpo")
-EXPERIMENTS = ("sentiment",)
-
-
-@dataclass
-class ExperimentConfig:
-    """`dpolab experiment`: the DPO paper's controlled-sentiment experiment, ending in a reward-vs-KL frontier."""
-
-    name: str = opt("sentiment", "Experiment: sentiment (continue movie-review openings with positive sentiment).")
-    model: str = opt("default", "Starting model (and reference): 'default', a checkpoint dir or a hub id.")
-    sft_data: str = opt("", "Optional SFT stage on this data (any format `dpolab sft` reads); its result is the reference.")
-    sft_steps: int = opt(0, "Optimizer steps of the SFT stage (0 = one epoch).")
-    prompts: str = opt("", "Prompt file (.txt, a prompt column, or a CSV with a `review` column); empty = built-in set.")
-    prompt_column: str = opt("prompt", "Column holding the prompt.")
-    prefix_words: int = opt(8, "Words of a `review` column used as the prompt prefix.")
-    train_prompts: int = opt(128, "Prompts used to generate training pairs.")
-    eval_prompts: int = opt(32, "Held-out prompts every policy is measured on.")
-    reward: str = opt("sentiment", "True reward: sentiment | length | regex | module:function | a reward-model directory.")
-    reward_model: str = opt("", "A Hugging Face sequence-classification model directory used as the true reward.")
-    reward_pattern: str = opt("", "Pattern of the regex reward.")
-    reward_absent: bool = opt(False, "regex reward: reward the pattern's absence instead.")
-    reward_target_length: int = opt(20, "length reward: target number of words.")
-    num_samples: int = opt(4, "K: completions sampled per training prompt.")
-    pair_strategy: str = opt("best-vs-worst", "Pairs per prompt: best-vs-worst | random | all.")
-    min_gap: float = opt(0.0, "Drop pairs whose reward gap is below this (equal rewards are always dropped).")
-    max_new_tokens: int = opt(24, "Tokens per sampled completion at most.")
-    temperature: float = opt(1.0, "Sampling temperature (pairs and evaluation).")
-    top_p: float = opt(1.0, "Nucleus sampling threshold (1 = off).")
-    chat: bool = opt(False, "Wrap prompts as a user message in the chat template (default: continue the text).")
-    eval_samples: int = opt(2, "Samples per held-out prompt for every policy.")
-    best_of: str = opt("4,16", "Best-of-N baselines from the reference with the true reward (comma-separated N; empty = none).")
-    betas: str = opt("0.05,0.1,0.5", "DPO beta values (comma-separated): one policy and one frontier point each.")
-    baselines: str = opt("preferred-ft,ipo,cdpo", "Trained baselines: preferred-ft, unlikelihood, ipo, cdpo (comma-separated; empty = none).")
-    unlikelihood_alpha: float = opt(1.0, "Weight of the Unlikelihood baseline's term on rejected tokens.")
-    online_kl_coefs: str = opt("", "Online RL (RLOO, KL-penalised true reward): KL coefficients, one policy each (empty = none).")
-    online_steps: int = opt(16, "Optimizer steps of every online RL run.")
-    online_prompts_per_step: int = opt(4, "Training prompts per online RL step.")
-    online_samples: int = opt(4, "Completions per prompt per online RL step (RLOO's K).")
-    online_lr: float = opt(1e-5, "Peak learning rate of the online RL runs.")
-    ipo_beta: float = opt(0.1, "beta of the IPO baseline.")
-    cdpo_beta: float = opt(0.1, "beta of the cDPO baseline.")
-    label_smoothing: float = opt(0.1, "cDPO's assumed label-flip rate eps.")
-    steps: int = opt(32, "Optimizer steps of every training run.")
-    batch_size: int = opt(8, "Pairs per optimizer step.")
-    lr: float = opt(1e-5, "Peak learning rate of the DPO-family runs.")
-    sft_lr: float = opt(1e-5, "Peak learning rate of Preferred-FT and the SFT stage.")
-    rounds: int = opt(1, "Iterative on-policy DPO: rounds of (sample from the latest policy, relabel, train from it).")
-    active: bool = opt(False, "Rounds >= 2: spend the sampling budget on the prompts with the smallest implicit-reward margins.")
-    active_fraction: float = opt(0.5, "With --active: fraction of prompts resampled (with K / fraction samples each).")
-    gen_batch_size: int = opt(64, "Sequences per generation batch.")
-    eval_batch_size: int = opt(16, "Sequences per forward pass when measuring KL and accuracy.")
-    seed: int = opt(0, "Seed of sampling, labelling and training.")
-    bf16: str = opt("false", "bf16 autocast for training: auto | true | false (sampling and KL stay fp32; on CPUs "
-                             "without native bf16 autocast is slower than fp32).")
-    device: str = opt("auto", "auto | cpu | cuda.")
-    output_dir: str = opt("runs/sentiment", "Experiment directory: runs, samples, results.json, frontier.png, report.html.")
-    stages_dir: str = opt("", "Cache of generated pairs and reference samples (default <output_dir>/stages).")
-    progress: bool = opt(True, "Show progress bars.")
-
-
-@dataclass
-class SweepConfig(ExperimentConfig):
-    """`dpolab sweep`: the experiment pipeline over a grid of one config field (beta by default) -> frontier + table."""
-
-    field: str = opt("beta", "Field to sweep: beta, or any `dpolab experiment` option (lr, steps, num_samples, ...).")
-    values: str = opt("0.02,0.05,0.1,0.2,0.5", "Comma-separated values of the field.")
-    betas: str = opt("0.1", "DPO beta when sweeping another field.")
-    baselines: str = opt("", "Trained baselines added to the sweep's frontier (preferred-ft, ipo, cdpo).")
-    output_dir: str = opt("runs/sweep", "Sweep directory.")
+from ..config import ExperimentConfig, SweepConfig, _parse_bool, best_of, betas, kl_coefs, names_list, resolve
+from ..data import load_pairs
+from ..generate import GenerateConfig, as_messages, generate, read_prompts, reward_from_config
+from ..metrics import print_table
+from ..models import bf16_default, pick_device, resolve_model_path
+from ..online import OnlineConfig, rloo
+from ..reference import model_identity
+from ..report import build_report, table
+from ..score import load_frozen
+from ..train import sft, train
+from ..unlikelihood import UnlikelihoodConfig, train_unlikelihood
+from .claims import CLAIM_COLUMNS, claim_rows, paper_claims
+from .frontier import examples_section, frontier_png, frontier_section, print_summary, results_section
+from .measure import (
+    best_of_n_points,
+    draw,
+    held_out_pairs,
+    load_reference,
+    measure_policy,
+    model_pair,
+    prompt_margins,
+    reference_point,
+)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -142,8 +96,6 @@ def sweep(cfg: SweepConfig | None = None, **overrides) -> dict:
 
 def sweep_values(cfg: SweepConfig) -> list:
     """The sweep's values, parsed with the type of the swept field."""
-    from ..config import _parse_bool
-
     excluded = {"name", "output_dir", "stages_dir", "progress", "device", "betas"}
     hints = typing.get_type_hints(ExperimentConfig)
     names = sorted(set(hints) - excluded)
@@ -163,10 +115,6 @@ def sweep_values(cfg: SweepConfig) -> list:
 # ----------------------------------------------------------------------------- the pipeline
 def pipeline(cfg: ExperimentConfig) -> dict:
     """Every stage of one experiment; returns the frontier points and what the outputs need."""
-    from ..generate import reward_from_config
-    from .measure import best_of_n_points, held_out_pairs, load_reference, reference_point
-
-    check(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -204,52 +152,6 @@ def pipeline(cfg: ExperimentConfig) -> dict:
             "reference_samples": len(ref_draw["samples"][0])}
 
 
-def check(cfg: ExperimentConfig) -> None:
-    if cfg.name not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {cfg.name!r}: available: {', '.join(EXPERIMENTS)}")
-    unknown = sorted(set(names(cfg.baselines)) - set(BASELINES))
-    checks = [
-        (not unknown, f"unknown baseline(s) {', '.join(unknown)}: use {', '.join(BASELINES)}"),
-        (all(b > 0 for b in betas(cfg)), "betas must be positive numbers"),
-        (all(b > 0 for b in kl_coefs(cfg)), "online_kl_coefs must be positive numbers"),
-        (not kl_coefs(cfg) or cfg.online_samples >= 2, "online_samples must be >= 2 (RLOO's leave-one-out baseline)"),
-        (all(n >= 2 for n in best_of(cfg)), "best_of values must be integers >= 2"),
-        (cfg.train_prompts >= 1 and cfg.eval_prompts >= 1, "train_prompts and eval_prompts must be >= 1"),
-        (cfg.num_samples >= 2, "num_samples must be >= 2 to make pairs"),
-        (cfg.eval_samples >= 1 and cfg.steps >= 1 and cfg.rounds >= 1, "eval_samples, steps and rounds must be >= 1"),
-        (0 < cfg.active_fraction <= 1, "active_fraction must be in (0, 1]"),
-        (cfg.bf16 in ("auto", "true", "false"), "bf16 must be auto, true or false"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
-def names(text: str) -> list[str]:
-    return [t.strip() for t in str(text or "").split(",") if t.strip() and t.strip() != "none"]
-
-
-def betas(cfg) -> list[float]:
-    try:
-        return [float(b) for b in names(cfg.betas)]
-    except ValueError:
-        raise ValueError(f"betas must be comma-separated numbers, got {cfg.betas!r}") from None
-
-
-def kl_coefs(cfg) -> list[float]:
-    try:
-        return [float(b) for b in names(getattr(cfg, "online_kl_coefs", ""))]
-    except ValueError:
-        raise ValueError(f"online_kl_coefs must be comma-separated numbers, got {cfg.online_kl_coefs!r}") from None
-
-
-def best_of(cfg) -> list[int]:
-    try:
-        return sorted({int(n) for n in names(cfg.best_of)})
-    except ValueError:
-        raise ValueError(f"best_of must be comma-separated integers, got {cfg.best_of!r}") from None
-
-
 class Clock:
     """`with clock("stage"):` adds the stage's wall time (seconds) to `timings` and its CPU time
     (all threads of this process) to `cpu`: CPU seconds do not depend on what else the machine
@@ -259,8 +161,6 @@ class Clock:
         self.timings, self.cpu = timings, cpu if cpu is not None else {}
 
     def __call__(self, name: str):
-        import contextlib
-
         @contextlib.contextmanager
         def timed():
             start, cpu = time.perf_counter(), time.process_time()
@@ -275,8 +175,6 @@ class Clock:
 def split_prompts(cfg: ExperimentConfig) -> tuple[list, list]:
     """Held-out and training prompts: a fixed shuffle (independent of --seed, so every seed is
     measured on the same held-out prompts); held-out first, then training."""
-    from ..generate import read_prompts
-
     prompts = read_prompts(cfg.prompts, cfg.prompt_column, 0, cfg.prefix_words)
     need = cfg.train_prompts + cfg.eval_prompts
     if len(prompts) < need:
@@ -294,9 +192,6 @@ def key(*parts) -> str:
 
 
 def model_key(name: str) -> str:
-    from ..models import resolve_model_path
-    from ..reference import model_identity
-
     return model_identity(resolve_model_path(name))
 
 
@@ -321,8 +216,6 @@ def sft_stage(cfg: ExperimentConfig, out: Path) -> str:
 
 def reference_draw(cfg: ExperimentConfig, ref, eval_prompts: list, reward_fn) -> dict:
     """The reference's samples on the held-out prompts (cached): eval_samples + max(N) per prompt."""
-    from .measure import draw
-
     n = cfg.eval_samples + max(best_of(cfg) or [2])
     path = stages_dir(cfg) / f"reference-{key(model_key(ref.name), eval_prompts, n, sampling(cfg), cfg.seed)}.json"
     if path.exists():
@@ -335,8 +228,6 @@ def reference_draw(cfg: ExperimentConfig, ref, eval_prompts: list, reward_fn) ->
 
 def generate_pairs(cfg: ExperimentConfig, model: str, prompts: list, indices: list[int], k: int, round_: int) -> Path:
     """Pairs from `model` on `prompts` labelled by the true reward (`dpolab generate`, resumable)."""
-    from ..generate import GenerateConfig, generate
-
     stages = stages_dir(cfg)
     seed = cfg.seed + 1000 * (round_ - 1)  # fresh noise every round
     name = key(model_key(model), prompts, k, sampling(cfg), cfg.pair_strategy, cfg.min_gap, seed)
@@ -360,8 +251,6 @@ def count_lines(path: Path) -> int:
 
 
 def tokenized_pairs(path: Path, tokenizer) -> list:
-    from ..data import load_pairs
-
     return load_pairs(str(path), tokenizer, max_length=1024, max_prompt_length=512)[0] if count_lines(path) else []
 
 
@@ -374,7 +263,7 @@ def training_specs(cfg: ExperimentConfig) -> list[dict]:
     # RLOO's implicit reward is kl_coef * log(pi / pi_ref) (the same optimum as DPO's): "beta" = kl_coef
     specs += [{"name": f"RLOO kl={c:g}", "kind": "rloo", "dir": f"rloo-kl{c:g}", "objective": "rloo", "beta": c}
               for c in kl_coefs(cfg)]
-    chosen = names(cfg.baselines)
+    chosen = names_list(cfg.baselines)
     if "preferred-ft" in chosen:
         specs.append({"name": "Preferred-FT", "kind": "preferred-ft", "dir": "preferred-ft", "objective": "sft"})
     if "unlikelihood" in chosen:
@@ -392,9 +281,6 @@ def training_specs(cfg: ExperimentConfig) -> list[dict]:
 def train_policy(spec: dict, model: str, ref_model: str, data, cfg: ExperimentConfig, run_dir: Path,
                  steps: int | None = None) -> Path:
     """Train (or reuse a finished run with the same settings) and return the run directory."""
-    from ..train import sft, train
-    from ..unlikelihood import UnlikelihoodConfig, train_unlikelihood
-
     kw = dict(model=model, data=str(data), output_dir=str(run_dir), max_steps=cfg.steps if steps is None else steps,
               batch_size=cfg.batch_size, eval_fraction=0.0, seed=cfg.seed, bf16=cfg.bf16, device=cfg.device,
               progress=cfg.progress, resume=True, final_checkpoint=False)  # final/ is all the experiment reads
@@ -416,9 +302,6 @@ def train_policy(spec: dict, model: str, ref_model: str, data, cfg: ExperimentCo
 
 def train_online(spec: dict, model: str, prompts: list, reward_fn, cfg: ExperimentConfig, run_dir: Path) -> Path:
     """Online RL (RLOO) on the training prompts with the true reward (reused when finished)."""
-    from ..generate import as_messages
-    from ..online import OnlineConfig, rloo
-
     prompts = [as_messages(p) if cfg.chat and isinstance(p, str) else p for p in prompts]
     online = OnlineConfig(model=model, output_dir=str(run_dir), kl_coef=spec["beta"], steps=cfg.online_steps,
                           prompts_per_step=cfg.online_prompts_per_step, num_samples=cfg.online_samples,
@@ -431,12 +314,12 @@ def train_online(spec: dict, model: str, prompts: list, reward_fn, cfg: Experime
 
 def reusable(run_dir: Path, kw: dict) -> bool:
     """A finished run with the same settings is reused; one with other settings is an error."""
-    import yaml
-
     config = run_dir / "config.yaml"
     if not config.exists():
         return False
     recorded = yaml.safe_load(config.read_text()) or {}
+    if kw.get("bf16") == "auto":  # a run's config.yaml records bf16 as it resolved (train.save_run_config)
+        kw = {**kw, "bf16": str(bf16_default(pick_device(kw.get("device", "auto")))).lower()}
     differ = sorted(k for k, v in kw.items() if k not in ("progress", "resume", "final_checkpoint") and recorded.get(k) != v)
     if differ:
         raise ValueError(f"{run_dir} holds a run with other settings ({', '.join(differ)}): "
@@ -445,9 +328,6 @@ def reusable(run_dir: Path, kw: dict) -> bool:
 
 
 def measure_run(spec: dict, run_dir: Path, ref, eval_prompts, ref_draw, reward_fn, cfg, eval_pairs, **extra) -> dict:
-    from ..score import load_frozen
-    from .measure import measure_policy
-
     policy = load_frozen(str(run_dir / "final"), ref.device)
     try:
         return measure_policy(spec["name"], spec["kind"], policy, ref, eval_prompts, ref_draw, reward_fn, cfg,
@@ -483,9 +363,6 @@ def iterate(cfg, spec, run_dir, pairs, train_prompts, ref, eval_prompts, ref_dra
 def active_prompts(cfg, beta: float, policy: str, ref, pairs: Path, indices: list[int], total: int) -> list[int]:
     """Training-prompt indices with the smallest implicit-reward margins under `policy` on the last
     round's pairs; prompts that gave no pair (ties) count as margin 0, not yet decided."""
-    from ..score import load_frozen
-    from .measure import model_pair, prompt_margins
-
     rows = [json.loads(line) for line in pairs.read_text(encoding="utf-8").splitlines() if line.strip()]
     tokenized = tokenized_pairs(pairs, ref.tokenizer)
     by_line = {n + 1: row for n, row in enumerate(rows)}
@@ -499,11 +376,6 @@ def active_prompts(cfg, beta: float, policy: str, ref, pairs: Path, indices: lis
 # ----------------------------------------------------------------------------- outputs
 def finish(cfg, ctx: dict, points: list[dict], start: float, title: str) -> dict:
     """results.json, frontier.png, report.html and the terminal summary."""
-    from ..report import build_report, table
-    from ..metrics import print_table
-    from .claims import CLAIM_COLUMNS, claim_rows, paper_claims
-    from .frontier import examples_section, frontier_png, frontier_section, print_summary, results_section
-
     out = Path(cfg.output_dir)
     seconds = time.perf_counter() - start
     reward_name = cfg.reward_model or cfg.reward

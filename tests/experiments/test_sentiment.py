@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dpolab.experiments.sentiment import (ExperimentConfig, SweepConfig, best_of, betas, check, kl_coefs, run, split_prompts,
-                                          sweep, sweep_values)
+from dpolab.config import ExperimentConfig, SweepConfig, best_of, betas, kl_coefs
+from dpolab.experiments.sentiment import run, split_prompts, sweep, sweep_values
 
 # The tiny random model writes gibberish, so VADER would score nearly everything 0 (all ties):
 # the length reward gives these tests a reward that varies.
@@ -119,7 +119,7 @@ def test_bad_settings_fail_clearly(tiny_model_dir):
     for overrides, message in [({"name": "summaries"}, "unknown experiment"), ({"baselines": "ppo"}, "unknown baseline"),
                                ({"betas": "0.1,x"}, "betas must be"), ({"best_of": "1"}, "best_of")]:
         with pytest.raises(ValueError, match=message):
-            check(ExperimentConfig(**overrides))
+            ExperimentConfig(**overrides)  # checked at construction
     with pytest.raises(ValueError, match="fewer than train_prompts"):
         split_prompts(ExperimentConfig(train_prompts=1000))
     with pytest.raises(ValueError, match="cannot sweep 'colour'"):
@@ -139,8 +139,7 @@ def test_demo_config_parses():
     from tests.conftest import REPO
 
     for name in ("demo.yaml", "paper.yaml"):
-        cfg = resolve(ExperimentConfig, config=str(REPO / "examples" / name))
-        check(cfg)
+        cfg = resolve(ExperimentConfig, config=str(REPO / "examples" / name))  # validated
         assert cfg.model == "default" and cfg.name == "sentiment"
         assert min(len(betas(cfg)), len(kl_coefs(cfg)), len(best_of(cfg))) >= 3  # three curves of >= 3 points
 
