@@ -403,6 +403,7 @@ def fit(run: Run, model, train_idx: list[int], eval_idx: list[int], objective, m
     finally:
         stop.restore()
         logger.close()
+        torch.set_flush_denormal(False)  # process-wide: a Python caller's own arithmetic after train() is its own
     logger.summary(f"dpolab {type(cfg).__name__.replace('Config', '').lower()}: {run.output_dir}")
     return {"output_dir": str(run.output_dir), "steps": counters["step"], "bad_steps": counters["bad_steps"], "history": logger.history}
 
