@@ -282,7 +282,9 @@ def data_summary(source: str, report, n_train: int, n_eval: int, limit: int = 0)
     """One line at start: what the data report found, and the split actually used."""
     dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items())) or "none"
     used = f"first {limit} used: " if limit else ""
-    return (f"data {source}: {report.rows_read} rows, {report.kept} kept, dropped: {dropped}, {report.truncated} truncated; "
+    notes = "".join(f", {n} {what}" for what, n in sorted(getattr(report, "notes", {}).items()))
+    return (f"data {source}: {report.rows_read} rows, {report.kept} kept, dropped: {dropped}, {report.truncated} truncated"
+            f"{notes}; "
             f"{used}{n_train} train / {n_eval} eval pairs")
 
 
