@@ -142,10 +142,14 @@ def hub_error(name: str, error: Exception) -> ModelError:
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    from .hub import check_hub_id
+
     path = resolve_model_path(name)
     if Path(path, "adapter_config.json").exists():
         if not Path(path, "tokenizer_config.json").exists():
             path = _adapter_base(path)
+    if not Path(path).exists():
+        check_hub_id(path)  # seconds, not the download's ~50 s of retries, when it cannot load
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as e:  # no such hub repo, no network, or a folder without tokenizer files
@@ -169,6 +173,8 @@ def load_model(name: str, *, trust_remote_code: bool = False, dtype=torch.float3
     """
     from transformers import AutoModelForCausalLM
 
+    from .hub import check_hub_id
+
     path = resolve_model_path(name)
     if Path(path, "adapter_config.json").exists():
         from peft import PeftModel
@@ -177,6 +183,8 @@ def load_model(name: str, *, trust_remote_code: bool = False, dtype=torch.float3
         return PeftModel.from_pretrained(base, path, is_trainable=True)
     if Path(path).is_dir() and not any(Path(path).glob("*.safetensors")):
         raise ModelError(f"{path}: no .safetensors weights; pickled checkpoints are refused for safety")
+    if not Path(path).exists():
+        check_hub_id(path)
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
