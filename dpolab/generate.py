@@ -18,7 +18,8 @@ whose gap is under `min_gap` are dropped too; both are counted. Label noise for 
 studies: `bt_temperature` T > 0 keeps the higher-scored completion as chosen with probability
 sigmoid((r_w - r_l) / T) (Bradley-Terry) instead of always; `flip_rate` then swaps that
 fraction of pairs. Output rows: {prompt, chosen, rejected, chosen_score, rejected_score,
-prompt_index, chosen_sample, rejected_sample, flipped}.
+prompt_index, chosen_sample, rejected_sample, flipped, chosen_truncated, rejected_truncated,
+prompt_ids, chosen_ids, rejected_ids, sampled_with} (the sampled token ids: see data/sampled.py).
 
 Resumable: a progress file next to the output (`<output>.progress.jsonl`) records the settings
 and every finished prompt; a rerun with the same settings appends and skips finished prompts.
