@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,7 +139,10 @@ def _after_sft_stage(cfg: TrainConfig) -> TrainConfig:
     sft_dir = Path(cfg.output_dir) / "sft"
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(SFTConfig) if f.name not in ("lr", "output_dir")}
     if not (sft_dir / "final").exists():
+        print(f"dpolab train --sft-first: stage 1/2, SFT on prompt + chosen -> {sft_dir}", file=sys.stderr, flush=True)
         sft(SFTConfig(**{**shared, "output_dir": str(sft_dir), "lora": False}))
+    print(f"dpolab train --sft-first: stage 2/2, {cfg.loss} from {sft_dir / 'final'} (also the reference)",
+          file=sys.stderr, flush=True)
     return dataclasses.replace(cfg, model=str(sft_dir / "final"), ref_model="", sft_first=False)
 
 

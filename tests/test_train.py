@@ -172,9 +172,11 @@ def test_sft_lowers_chosen_nll(tiny_model_dir, toy_data, tmp_path):
     assert (tmp_path / "sft" / "final" / "model.safetensors").exists()
 
 
-def test_sft_first_then_dpo(tiny_model_dir, toy_data, tmp_path):
+def test_sft_first_then_dpo(tiny_model_dir, toy_data, tmp_path, capsys):
     result = run(tiny_model_dir, toy_data, tmp_path / "r", sft_first=True, max_steps=2)
     assert (tmp_path / "r" / "sft" / "final" / "model.safetensors").exists()
+    err = capsys.readouterr().err  # each stage announces itself: both log "[train] step k/n"
+    assert err.index("stage 1/2, SFT on prompt + chosen") < err.index("stage 2/2, sigmoid from")
     assert train_losses(result)[0] == pytest.approx(LN2, abs=1e-6)  # reference = the SFT model
 
 
