@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from .files import DataError
 
 __all__ = ["SampledIds", "fingerprint", "same_tokenizer", "row_fields", "parse_sampled", "pick_ids", "FIELDS",
-           "NOTE_OTHER_TOKENIZER"]
+           "NOTE_OTHER_TOKENIZER", "NOTE_SAMPLER_CUT"]
 
 FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids", "sampled_with")
 NOTE_OTHER_TOKENIZER = "sampled ids from another tokenizer: text re-tokenised"
+NOTE_SAMPLER_CUT = "with a completion cut at the sampler's max_new_tokens (no EOS added)"
 
 
 @dataclass(frozen=True)

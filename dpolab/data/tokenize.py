@@ -36,7 +36,7 @@ import numpy as np
 from ..perms import public
 from .files import DataError, read_rows, source_fingerprint
 from .formats import DataReport, PreferenceExample, normalise
-from .sampled import fingerprint, pick_ids
+from .sampled import NOTE_SAMPLER_CUT, fingerprint, pick_ids
 
 __all__ = ["TokenizedPair", "render", "tokenize_examples", "truncate", "load_pairs", "split_eval"]
 
@@ -181,6 +181,8 @@ def tokenize_examples(examples: Sequence[PreferenceExample], tokenizer, report: 
             report.drop("chosen == rejected after truncation", ex.row)
             continue
         report.truncated += was_cut
+        if any(ex.truncated):  # not `truncated` above (that is max_length): said apart so "0 truncated" is not misread
+            report.note(NOTE_SAMPLER_CUT)
         pairs.append(TokenizedPair(ex.row, list(p), list(c), list(r)))
     report.kept = len(pairs)
     return pairs

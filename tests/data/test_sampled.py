@@ -5,7 +5,7 @@ import json
 import pytest
 
 from dpolab.data.files import DataError
-from dpolab.data.sampled import NOTE_OTHER_TOKENIZER, fingerprint, row_fields
+from dpolab.data.sampled import NOTE_OTHER_TOKENIZER, NOTE_SAMPLER_CUT, fingerprint, row_fields
 from dpolab.data.tokenize import load_pairs
 
 from tests.conftest import build_tokenizer
@@ -35,7 +35,8 @@ def test_sampled_ids_that_do_not_round_trip_are_trained_on_as_sampled(tokenizer,
            "rejected_truncated": False, **row_fields(prompt, cut, whole, fingerprint(tokenizer))}
     pairs, report = load_pairs(write(tmp_path / "g.jsonl", [row]), tokenizer, max_length=64, max_prompt_length=32)
     assert (pairs[0].prompt_ids, pairs[0].chosen_ids, pairs[0].rejected_ids) == (prompt, cut, whole)
-    assert eos not in pairs[0].chosen_ids and report.notes == {}  # the cut one gets no EOS
+    assert eos not in pairs[0].chosen_ids  # the cut one gets no EOS
+    assert report.notes == {NOTE_SAMPLER_CUT: 1}
 
 
 def test_other_tokenizer_falls_back_to_text_and_is_counted(tokenizer, tmp_path):
@@ -46,7 +47,7 @@ def test_other_tokenizer_falls_back_to_text_and_is_counted(tokenizer, tmp_path):
     pairs, report = load_pairs(write(tmp_path / "g.jsonl", [row, row]), tokenizer, max_length=64, max_prompt_length=32)
     assert pairs[0].chosen_ids == tokenizer("the", add_special_tokens=False)["input_ids"]  # text, cut: no EOS
     assert pairs[0].rejected_ids[-1] == tokenizer.eos_token_id                           # text, whole: EOS added
-    assert report.notes == {NOTE_OTHER_TOKENIZER: 2}
+    assert report.notes == {NOTE_OTHER_TOKENIZER: 2, NOTE_SAMPLER_CUT: 2}
 
 
 def test_fingerprint_ignores_the_path_but_not_the_vocabulary(tokenizer, tmp_path):
