@@ -259,6 +259,7 @@ def load_data(cfg, run: Run):
     )
     if not cfg.data:
         raise TrainingError("no training data: pass --data FILE")
+    _check_resumed_paths(cfg, run.output_dir)
     # KTO reads unpaired examples, the Plackett-Luce loss ranked lists; the rest pairs
     load = {kto.NAME: load_unpaired, listwise.NAME: load_listwise}.get(getattr(cfg, "loss", ""), load_pairs)
     with run.accelerator.local_main_process_first():  # one process per machine tokenises, the rest read its cache
@@ -280,6 +281,17 @@ def load_data(cfg, run: Run):
     pairs = train_pairs + eval_pairs
     run.pair_rows = [p.row for p in pairs]
     return pairs, list(range(len(train_pairs))), list(range(len(train_pairs), len(pairs)))
+
+
+def _check_resumed_paths(cfg, output_dir: Path) -> None:
+    """config.yaml keeps data paths as typed: a relative one is relative to where the run started."""
+    for name in ("data", "eval_data"):
+        value = getattr(cfg, name, "")
+        looks_local = value.startswith(".") or value.count("/") != 1 or bool(Path(value).suffix)  # not a hub name
+        if cfg.resume and value and looks_local and not Path(value).is_absolute() and not Path(value).exists():
+            raise TrainingError(f"{value}: file not found (--{name.replace('_', '-')} in {output_dir}/config.yaml is "
+                                f"relative to the directory the run was started from: --resume from there, or pass "
+                                f"--{name.replace('_', '-')} PATH)")
 
 
 def data_summary(source: str, report, n_train: int, n_eval: int, limit: int = 0) -> str:

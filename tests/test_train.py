@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,3 +257,17 @@ def test_wpo_weights_the_first_loss_by_pair_probability(tiny_model_dir, toy_data
     first = result["history"][0]
     # weights exp(mean logp_w + mean logp_l) are < 1, so the weighted ln 2 is smaller
     assert 0 < first["loss"] < LN2
+
+
+def test_resume_elsewhere_names_the_relative_data_path(tmp_path, monkeypatch):
+    """config.yaml keeps --data as typed; --resume from another directory says why it is not found."""
+    from dpolab.config import TrainConfig
+    from dpolab.train import TrainingError, _check_resumed_paths
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TrainingError, match=r"pairs.jsonl: file not found \(--data in runs/x/config.yaml is relative"):
+        _check_resumed_paths(TrainConfig(data="pairs.jsonl", resume=True), Path("runs/x"))
+    (tmp_path / "pairs.jsonl").write_text("")
+    for ok in (TrainConfig(data="pairs.jsonl", resume=True), TrainConfig(data="someone/prefs", resume=True),
+               TrainConfig(data="gone.jsonl", resume=False)):
+        _check_resumed_paths(ok, Path("runs/x"))  # found / a hub name / not a resume: nothing to say
