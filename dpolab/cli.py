@@ -12,6 +12,7 @@ import sys
 
 import importlib
 
+from .cli_errors import one_line_errors, unknown_options
 from .config import add_arguments, resolve
 
 # command -> ("module:ConfigClass", "module:function" of the API it runs, one-line help).
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         # allow_abbrev=False: `--los` must be an error, not silently `--loss`
         p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or help_text).strip(), allow_abbrev=False)
         add_arguments(p, cls)
+    one_line_errors(parser, sub.choices)
     return parser
 
 
@@ -79,7 +81,10 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # unknown options: one line naming the command (cli_errors)
+    if extra:
+        unknown_options(parser.commands[args.command], extra)
     cls, target, _ = available()[args.command]
     quiet_libraries()
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,7 +240,14 @@ def validate(cfg) -> None:
             names = named(f.metadata["names_from"])
             unknown = [v.strip() for v in str(getattr(cfg, f.name)).split(",") if v.strip() not in names]
             if unknown:
-                raise ValueError(f"unknown {f.name} {unknown[0]!r}; choose one of: {', '.join(names)}")
+                close = [ALIASES[unknown[0].lower()]] if unknown[0].lower() in ALIASES else \
+                    difflib.get_close_matches(unknown[0], list(names), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ValueError(f"unknown {f.name} {unknown[0]!r}{hint}; choose one of: {', '.join(names)}")
+
+
+# names people type for an entry under another name here (spelling alone would suggest `rdpo` for `dpo`)
+ALIASES = {"dpo": "sigmoid"}
 
 
 def _floats(text: str) -> tuple[float, ...] | None:
