@@ -6,6 +6,8 @@ tokenizer and a model, then an error that does not say what to do instead. One m
 through huggingface_hub's own ``model_info`` (no retries, a short timeout) tells the cases apart
 first: the hub is unreachable, it does not know the id, or access is switched off
 (``HF_HUB_OFFLINE``). A repository already in the local hub cache is left to transformers.
+Hub datasets (``--data owner/name``) get the same check before ``datasets.load_dataset``; one
+already in the datasets or hub cache is left to ``datasets`` (it falls back to that copy).
 """
 
 from __future__ import annotations
@@ -44,3 +46,28 @@ def check_hub_id(name: str) -> None:
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return (text.splitlines()[0] if text else type(error).__name__)[:120]
+
+
+def hub_dataset_problem(name: str) -> str | None:
+    """Why hub dataset ``name`` cannot load (one clause), or None when ``datasets`` should try it."""
+    from pathlib import Path
+
+    import datasets
+    from huggingface_hub import constants, dataset_info
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    cached = [Path(datasets.config.HF_DATASETS_CACHE) / name.replace("/", "___"),
+              Path(constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}"]
+    if any(p.exists() for p in cached) or constants.is_offline_mode():
+        return None  # datasets loads its cached copy (offline: from the cache only, without waiting)
+    try:
+        dataset_info(name, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        return "the hub dataset is gated: accept its terms and log in (`hf auth login`)"
+    except RepositoryNotFoundError:
+        return "the hub has no dataset with this id (or it is private: log in with `hf auth login`)"
+    except HfHubHTTPError as e:
+        return f"the hub answered {_first_line(e)}"
+    except Exception as e:  # the transport's own errors: refused, name resolution, timeout
+        return f"the hub is unreachable ({_first_line(e)})"
+    return None

@@ -58,3 +58,14 @@ def test_model_info_errors_are_told_apart(monkeypatch):
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
         with pytest.raises(ModelError, match=words):
             check_hub_id("someone/not-cached-model")
+
+
+def test_unloadable_hub_dataset_fails_fast_in_one_line(tmp_path, tiny_model_dir):
+    done, seconds = run_cli(["train", "--model", str(tiny_model_dir), "--data", "someone/some-prefs",
+                             "--output-dir", str(tmp_path / "out")],
+                            {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "", "HF_HOME": str(tmp_path / "hf")},
+                            tmp_path)
+    assert done.returncode == 2 and seconds < 15, (done.returncode, seconds, done.stderr[-2000:])
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(
+        "dpolab train: error: someone/some-prefs: not a file or folder, and not a loadable hub dataset: "
+        "the hub is unreachable"), done.stderr
