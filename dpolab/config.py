@@ -169,7 +169,10 @@ def load_yaml(path: str, cls) -> dict:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)} for {cls.__name__}")
+        close = difflib.get_close_matches(str(unknown[0]), sorted(names), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(f"{path}: unknown option(s) {', '.join(map(str, unknown))}{hint}; the options are the "
+                         f"--help names with _ for - (e.g. max_length)")
     return data
 
 
