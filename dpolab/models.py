@@ -9,6 +9,7 @@ config, loads the state dict and writes a normal safetensors checkpoint into the
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -181,7 +182,8 @@ def load_model(name: str, *, trust_remote_code: bool = False, dtype=torch.float3
         from peft import PeftModel
 
         base = load_model(_adapter_base(path), trust_remote_code=trust_remote_code, dtype=dtype)
-        return PeftModel.from_pretrained(base, path, is_trainable=True)
+        with peft_quietly():
+            return PeftModel.from_pretrained(base, path, is_trainable=True)
     if Path(path).is_dir() and not any(Path(path).glob("*.safetensors")):
         raise ModelError(f"{path}: no .safetensors weights; pickled checkpoints are refused for safety")
     if not Path(path).exists():
@@ -200,9 +202,17 @@ def add_lora(model, r: int, alpha: int, dropout: float, targets: str):
 
     target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
-    with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing`
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with peft_quietly():
         return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def peft_quietly():
+    """peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model:
+    a FutureWarning the user can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def same_tokenizer(a, b) -> bool:
