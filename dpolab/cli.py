@@ -26,6 +26,7 @@ from .config import (
 )
 from .errors import TrainingError
 
+from .cli_errors import one_line_errors, unknown_options
 
 # The runners import their command's module when called: `dpolab --help` (and every parse)
 # stays light, no torch, since configs and their --help come from config.py alone.
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         # allow_abbrev=False: `--los` must be an error, not silently `--loss`
         p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or help_text).strip(), allow_abbrev=False)
         add_arguments(p, cls)
+    one_line_errors(parser, sub.choices)
     return parser
 
 
@@ -125,7 +127,10 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # unknown options: one line naming the command (cli_errors)
+    if extra:
+        unknown_options(parser.commands[args.command], extra)
     cls, runner, _ = COMMANDS[args.command]
     quiet_libraries()
     try:

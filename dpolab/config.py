@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import importlib
 import os
 import typing
@@ -458,7 +459,10 @@ def load_yaml(path: str, cls) -> dict:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)} for {cls.__name__}")
+        close = difflib.get_close_matches(str(unknown[0]), sorted(names), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(f"{path}: unknown option(s) {', '.join(map(str, unknown))}{hint}; the options are the "
+                         f"--help names with _ for - (e.g. max_length)")
     return data
 
 
@@ -504,7 +508,10 @@ def validate(cfg) -> None:
             names = named(f.metadata["names_from"])
             unknown = [v.strip() for v in str(getattr(cfg, f.name)).split(",") if v.strip() not in names]
             if unknown:
-                raise ValueError(f"unknown {f.name} {unknown[0]!r}; choose one of: {', '.join(names)}")
+                close = [ALIASES[unknown[0].lower()]] if unknown[0].lower() in ALIASES else \
+                    difflib.get_close_matches(unknown[0], list(names), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ValueError(f"unknown {f.name} {unknown[0]!r}{hint}; choose one of: {', '.join(names)}")
 
 
 def field_checks(cfg) -> list[tuple[bool, str]]:
@@ -625,6 +632,10 @@ def best_of(cfg) -> list[int]:
         return sorted({int(n) for n in names_list(cfg.best_of)})
     except ValueError:
         raise ValueError(f"best_of must be comma-separated integers, got {cfg.best_of!r}") from None
+
+
+# names people type for an entry under another name here (spelling alone would suggest `rdpo` for `dpo`)
+ALIASES = {"dpo": "sigmoid"}
 
 
 def _floats(text: str) -> tuple[float, ...] | None:

@@ -7,3 +7,7 @@ them without importing the training loop.
 
 class TrainingError(RuntimeError):
     """A run cannot continue (one clear line for the user)."""
+
+
+class ModelError(ValueError):
+    """A user-facing problem with a model path, hub id or tokenizer (one line)."""

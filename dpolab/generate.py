@@ -18,7 +18,8 @@ whose gap is under `min_gap` are dropped too; both are counted. Label noise for 
 studies: `bt_temperature` T > 0 keeps the higher-scored completion as chosen with probability
 sigmoid((r_w - r_l) / T) (Bradley-Terry) instead of always; `flip_rate` then swaps that
 fraction of pairs. Output rows: {prompt, chosen, rejected, chosen_score, rejected_score,
-prompt_index, chosen_sample, rejected_sample, flipped}.
+prompt_index, chosen_sample, rejected_sample, flipped, chosen_truncated, rejected_truncated,
+prompt_ids, chosen_ids, rejected_ids, sampled_with} (the sampled token ids: see data/sampled.py).
 
 Resumable: a progress file next to the output (`<output>.progress.jsonl`) records the settings
 and every finished prompt; a rerun with the same settings appends and skips finished prompts.
@@ -35,6 +36,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .config import PAIR_STRATEGIES as STRATEGIES, GenerateConfig, resolve
+from .data.sampled import fingerprint, row_fields
 from .prompts import BUILTIN_PROMPTS, encode_prompt, prompt_text, read_prompts, review_prefix  # noqa: F401 (re-exported)
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "</s>")
@@ -58,8 +60,9 @@ def sample(model, tokenizer, prompts: list, *, num_samples: int = 1, max_new_tok
 
 def sample_ids(model, tokenizer, prompts: list, *, num_samples: int = 1, max_new_tokens: int = 48,
                temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
-               chat: bool = False, autocast=None, on_batch=None, prompt_indices=None) -> list[list[list[int]]]:
-    """Like `sample` but returns the completion token ids (stop token excluded)."""
+               chat: bool = False, autocast=None, on_batch=None, prompt_indices=None,
+               keep_stop: bool = False) -> list[list[list[int]]]:
+    """Like `sample` but returns the completion token ids (the stop token excluded, unless `keep_stop`)."""
     import contextlib
 
     check_sampling(num_samples, max_new_tokens, temperature, top_p, batch_size)
@@ -73,7 +76,8 @@ def sample_ids(model, tokenizer, prompts: list, *, num_samples: int = 1, max_new
         chunk = rows[start : start + batch_size]
         with autocast() if autocast else contextlib.nullcontext():
             done = _generate_batch(model, tokenizer, [prompt_ids[i] for i, _ in chunk],
-                                   [row_seed(seed, seed_index[i], j) for i, j in chunk], max_new_tokens, temperature, top_p, stops)
+                                   [row_seed(seed, seed_index[i], j) for i, j in chunk], max_new_tokens, temperature, top_p, stops,
+                                   keep_stop)
         for (i, j), completion in zip(chunk, done):
             out[i][j] = completion
         if on_batch:
@@ -108,7 +112,7 @@ def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
 
 
 def _generate_batch(model, tokenizer, prompt_ids: list[list[int]], seeds: list[int], max_new_tokens: int,
-                    temperature: float, top_p: float, stops: list[int]) -> list[list[int]]:
+                    temperature: float, top_p: float, stops: list[int], keep_stop: bool = False) -> list[list[int]]:
     """One left-padded generate call; returns each row's completion ids up to its first stop token."""
     import torch
     from transformers import GenerationConfig, LogitsProcessorList
@@ -126,7 +130,7 @@ def _generate_batch(model, tokenizer, prompt_ids: list[list[int]], seeds: list[i
     completions = []
     for row in out[:, width:].tolist():
         cut = next((k for k, t in enumerate(row) if t in stops), len(row))
-        completions.append(row[:cut])
+        completions.append(row[: cut + 1] if keep_stop and cut < len(row) else row[:cut])
     return completions
 
 
@@ -212,8 +216,12 @@ def noisy_label(high: float, low: float, rng: random.Random, flip_rate: float = 
 
 
 def pair_rows(prompt, prompt_index: int, completions: list[str], scores: list[float], cfg, chat: bool,
-              truncated: list[bool] | None = None):
-    """Output rows of one prompt and its drop counts; `truncated[j]`: sample j hit max_new_tokens."""
+              truncated: list[bool] | None = None, token_ids: tuple | None = None):
+    """Output rows of one prompt and its drop counts; `truncated[j]`: sample j hit max_new_tokens.
+
+    `token_ids`: ``(prompt_ids, [ids of sample j], tokenizer fingerprint)``, written into each row so
+    training sees exactly the sampled tokens (data/sampled.py).
+    """
     rng = random.Random(f"{cfg.seed}:{prompt_index}")  # str seeds are stable across runs
     pairs, dropped = make_pairs(scores, cfg.pair_strategy, cfg.min_gap, rng)
     rows = []
@@ -226,6 +234,7 @@ def pair_rows(prompt, prompt_index: int, completions: list[str], scores: list[fl
             "chosen_score": scores[w], "rejected_score": scores[l], "prompt_index": prompt_index,
             "chosen_sample": w, "rejected_sample": l, "flipped": flipped,
             **({"chosen_truncated": truncated[w], "rejected_truncated": truncated[l]} if truncated is not None else {}),
+            **(row_fields(token_ids[0], token_ids[1][w], token_ids[1][l], token_ids[2]) if token_ids else {}),
         })
     return rows, dropped
 
@@ -295,17 +304,20 @@ def write_chunk(model, tokenizer, prompts, chunk, reward_fn, cfg, out: Path, tot
     batch = [prompts[i] for i in chunk]
     ids = sample_ids(model, tokenizer, batch, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
                      temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.batch_size,
-                     chat=cfg.chat, autocast=autocast, on_batch=advance, prompt_indices=chunk)
-    texts = [[tokenizer.decode(c, skip_special_tokens=True) for c in row] for row in ids]
-    # max_new_tokens ids and no stop token: the sampler cut it (training must not add EOS there)
-    cut = [[len(c) >= cfg.max_new_tokens for c in row] for row in ids]
+                     chat=cfg.chat, autocast=autocast, on_batch=advance, prompt_indices=chunk, keep_stop=True)
+    stops = set(stop_token_ids(tokenizer, model))
+    # no stop token at the end: the sampler cut it at max_new_tokens (training must not add EOS there)
+    cut = [[not c or c[-1] not in stops for c in row] for row in ids]
+    texts = [[tokenizer.decode(c if k else c[:-1], skip_special_tokens=True) for c, k in zip(row, cuts)]
+             for row, cuts in zip(ids, cut)]
+    fp = fingerprint(tokenizer)
     flat_prompts = [prompt_text(p) for p in batch for _ in range(cfg.num_samples)]
     scores = reward_fn(flat_prompts, [c for row in texts for c in row])
     k = cfg.num_samples
     with open(out, "a", encoding="utf-8") as pairs_file, open(progress_path(out), "a", encoding="utf-8") as log:
         for n, i in enumerate(chunk):
             rows, dropped = pair_rows(prompts[i], i, texts[n], [float(s) for s in scores[n * k : (n + 1) * k]], cfg,
-                                      cfg.chat, cut[n])
+                                      cfg.chat, cut[n], (encode_prompt(prompts[i], tokenizer, cfg.chat), ids[n], fp))
             for row in rows:
                 pairs_file.write(json.dumps(row, ensure_ascii=False) + "\n")
             totals["pairs"] += len(rows)

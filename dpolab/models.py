@@ -9,6 +9,7 @@ config, loads the state dict and writes a normal safetensors checkpoint into the
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -17,6 +18,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,16 +26,14 @@ import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from .errors import ModelError  # noqa: F401 (imported from here by commands)
+from .hub import check_hub_id
 from .perms import public
 
 DEFAULT_MODEL = "default"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 log = logging.getLogger(__name__)
-
-
-class ModelError(ValueError):
-    """A user-facing problem with a model path or tokenizer (one line)."""
 
 
 def cache_dir() -> Path:
@@ -143,6 +143,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     if Path(path, "adapter_config.json").exists():
         if not Path(path, "tokenizer_config.json").exists():
             path = _adapter_base(path)
+    if not Path(path).exists():
+        check_hub_id(path)  # seconds, not the download's ~50 s of retries, when it cannot load
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as e:  # no such hub repo, no network, or a folder without tokenizer files
@@ -165,9 +167,12 @@ def load_model(name: str, *, trust_remote_code: bool = False, dtype=torch.float3
     path = resolve_model_path(name)
     if Path(path, "adapter_config.json").exists():
         base = load_model(_adapter_base(path), trust_remote_code=trust_remote_code, dtype=dtype)
-        return PeftModel.from_pretrained(base, path, is_trainable=True)
+        with peft_quietly():
+            return PeftModel.from_pretrained(base, path, is_trainable=True)
     if Path(path).is_dir() and not any(Path(path).glob("*.safetensors")):
         raise ModelError(f"{path}: no .safetensors weights; pickled checkpoints are refused for safety")
+    if not Path(path).exists():
+        check_hub_id(path)
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
@@ -180,7 +185,17 @@ def add_lora(model, r: int, alpha: int, dropout: float, targets: str):
     """Wrap `model` with trainable LoRA adapters; the frozen base doubles as the reference."""
     target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    with peft_quietly():
+        return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def peft_quietly():
+    """peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model:
+    a FutureWarning the user can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def same_tokenizer(a, b) -> bool:

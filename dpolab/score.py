@@ -372,7 +372,8 @@ def print_scores(records: list[dict], cfg: ScoreConfig) -> None:
             for tok, v in zip(r["token_texts"], r["token_rewards"]):
                 text.append(tok, style="black on rgb({},{},{})".format(*shade(v, scale)))
             console.print(text)
-    console.print(f"{len(records)} responses of {len({r['row'] for r in records})} prompts -> {cfg.output_dir}/scores.jsonl")
+    extra = " (+ tokens.jsonl, tokens.html: open it in a browser)" if cfg.per_token else ""
+    console.print(f"{len(records)} responses of {len({r['row'] for r in records})} prompts -> {cfg.output_dir}/scores.jsonl{extra}")
 
 
 ATTRIBUTION_CSS = """

@@ -19,6 +19,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,7 +143,10 @@ def _after_sft_stage(cfg: TrainConfig) -> TrainConfig:
     sft_dir = Path(cfg.output_dir) / "sft"
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(SFTConfig) if f.name not in ("lr", "output_dir")}
     if not (sft_dir / "final").exists():
+        print(f"dpolab train --sft-first: stage 1/2, SFT on prompt + chosen -> {sft_dir}", file=sys.stderr, flush=True)
         sft(SFTConfig(**{**shared, "output_dir": str(sft_dir), "lora": False}))
+    print(f"dpolab train --sft-first: stage 2/2, {cfg.loss} from {sft_dir / 'final'} (also the reference)",
+          file=sys.stderr, flush=True)
     return dataclasses.replace(cfg, model=str(sft_dir / "final"), ref_model="", sft_first=False)
 
 
@@ -251,6 +255,7 @@ def load_data(cfg, run: Run):
     )
     if not cfg.data:
         raise TrainingError("no training data: pass --data FILE")
+    _check_resumed_paths(cfg, run.output_dir)
     # KTO reads unpaired examples, the Plackett-Luce loss ranked lists; the rest pairs
     load = {kto.NAME: load_unpaired, listwise.NAME: load_listwise}.get(getattr(cfg, "loss", ""), load_pairs)
     with run.accelerator.local_main_process_first():  # one process per machine tokenises, the rest read its cache
@@ -274,11 +279,24 @@ def load_data(cfg, run: Run):
     return pairs, list(range(len(train_pairs))), list(range(len(train_pairs), len(pairs)))
 
 
+def _check_resumed_paths(cfg, output_dir: Path) -> None:
+    """config.yaml keeps data paths as typed: a relative one is relative to where the run started."""
+    for name in ("data", "eval_data"):
+        value = getattr(cfg, name, "")
+        looks_local = value.startswith(".") or value.count("/") != 1 or bool(Path(value).suffix)  # not a hub name
+        if cfg.resume and value and looks_local and not Path(value).is_absolute() and not Path(value).exists():
+            raise TrainingError(f"{value}: file not found (--{name.replace('_', '-')} in {output_dir}/config.yaml is "
+                                f"relative to the directory the run was started from: --resume from there, or pass "
+                                f"--{name.replace('_', '-')} PATH)")
+
+
 def data_summary(source: str, report, n_train: int, n_eval: int, limit: int = 0) -> str:
     """One line at start: what the data report found, and the split actually used."""
     dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items())) or "none"
     used = f"first {limit} used: " if limit else ""
-    return (f"data {source}: {report.rows_read} rows, {report.kept} kept, dropped: {dropped}, {report.truncated} truncated; "
+    notes = "".join(f", {n} {what}" for what, n in sorted(getattr(report, "notes", {}).items()))
+    return (f"data {source}: {report.rows_read} rows, {report.kept} kept, dropped: {dropped}, {report.truncated} truncated"
+            f"{notes}; "
             f"{used}{n_train} train / {n_eval} eval pairs")
 
 

@@ -88,7 +88,29 @@ def test_prompt_limit_is_half_of_max_length_when_unset():
 def test_abbreviated_flags_are_refused(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--los", "ipo"])
-    assert e.value.code == 2 and "unrecognized arguments: --los" in capsys.readouterr().err
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("dpolab train: error: unknown option '--los' (did you mean --loss?); "
+                                       "see `dpolab train --help`\n")
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["trian", "--data", "x"], "dpolab: error: unknown command 'trian' (did you mean train?); commands: train, "),
+    (["train", "--max-step", "2"], "dpolab train: error: unknown option '--max-step' (did you mean --max-steps?)"),
+    (["eval", "--batch-size", "two"], "dpolab eval: error: argument --batch-size: invalid int value: 'two'"),
+    (["score", "stray"], "dpolab score: error: unexpected argument 'stray'"),
+    ([], "dpolab: error: no command given; commands: train, "),
+])
+def test_command_line_mistakes_are_one_line(argv, line, capsys):
+    """No usage block: one line naming the command, the mistake, the closest spelling, where --help is."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(line) and "--help`" in err, err
+
+
+def test_misspelt_loss_name_gets_a_suggestion(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "x.jsonl"), "--loss", "sigmiod"]) == 2
+    assert "unknown loss 'sigmiod' (did you mean sigmoid?); choose one of: sigmoid," in capsys.readouterr().err
 
 
 def test_python_dash_m_dpolab_runs_the_cli():
@@ -255,7 +277,7 @@ def test_dpolab_train_is_callable_after_the_module_was_imported(tmp_path, tiny_m
     result = dpolab.train(model=str(tiny_model_dir), data=str(toy_data), output_dir=str(tmp_path / "r"), max_steps=1,
                           bf16="false", progress=False)
     assert result["steps"] == 1
-    with pytest.raises(ValueError, match="unknown loss 'dpo'; choose one of: sigmoid"):
+    with pytest.raises(ValueError, match=r"unknown loss 'dpo' \(did you mean sigmoid\?\); choose one of: sigmoid"):
         dpolab.train(model=str(tiny_model_dir), data=str(toy_data), loss="dpo")  # checked before anything loads
 
 

@@ -272,10 +272,11 @@ def test_default_model_continues_review_openings():
 
 @pytest.mark.parametrize("chat", [False, True])
 def test_training_sees_exactly_the_sampled_tokens(tiny_model_dir, tmp_path, chat):
-    """A completion cut at max_new_tokens gets no EOS / end-of-turn at training time: training
-    sees the sampled text and a stop token only where the sampler stopped. (Text rows are
-    re-tokenised, so ids equal the sampled ones where those are the tokenizer's own spelling.)"""
+    """Training sees exactly the sampled ids: the prompt ids sampled from, each completion's ids with
+    the stop token where the sampler drew one and none where max_new_tokens cut it, even where
+    decoding and re-tokenising the text would give other ids."""
     from dpolab.data import load_pairs
+    from dpolab.data.sampled import NOTE_OTHER_TOKENIZER
     from dpolab.generate import sample_ids
     from dpolab.models import load_model, load_tokenizer
 
@@ -285,21 +286,25 @@ def test_training_sees_exactly_the_sampled_tokens(tiny_model_dir, tmp_path, chat
     cfg = GenerateConfig(model=str(tiny_model_dir), chat=chat, max_new_tokens=6, temperature=2.0, num_samples=4, batch_size=8)
     prompts = read_prompts(str(tmp_path / "prompts.txt"))
     sampled = sample_ids(load_model(str(tiny_model_dir)).eval(), tokenizer, prompts, num_samples=4, max_new_tokens=6,
-                         temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_size=8, chat=chat)
-    pairs, _ = load_pairs(str(tmp_path / "pairs.jsonl"), tokenizer, max_length=256, max_prompt_length=128)
-    assert len(pairs) == len(rows) > 0
+                         temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_size=8, chat=chat,
+                         keep_stop=True)
+    pairs, report = load_pairs(str(tmp_path / "pairs.jsonl"), tokenizer, max_length=256, max_prompt_length=128)
+    assert len(pairs) == len(rows) > 0 and NOTE_OTHER_TOKENIZER not in report.notes
     stops = set(stop_token_ids(tokenizer))
-    cut = whole = 0
+    cut = whole = not_round_trip = 0
     for row, pair in zip(rows, pairs):
+        assert pair.prompt_ids == encode_prompt(prompts[row["prompt_index"]], tokenizer, chat)
         for side, ids in (("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)):
             drawn = sampled[row["prompt_index"]][row[f"{side}_sample"]]
-            assert row[f"{side}_truncated"] == (len(drawn) == 6)
-            # the same text as sampled (text rows are re-tokenised from it)...
-            assert tokenizer.decode(ids, skip_special_tokens=True).strip() == tokenizer.decode(drawn, skip_special_tokens=True).strip()
-            if row[f"{side}_truncated"]:  # ...and no stop token the model never sampled
+            assert ids == drawn  # exactly the sampled tokens
+            text = row[side] if isinstance(row[side], str) else row[side][-1]["content"]
+            not_round_trip += tokenizer(text, add_special_tokens=False)["input_ids"] != [t for t in drawn if t not in stops]
+            assert row[f"{side}_truncated"] == (drawn[-1] not in stops)
+            if row[f"{side}_truncated"]:  # no stop token the model never sampled
                 cut += 1
-                assert not stops & set(ids), (side, ids)
+                assert len(drawn) == 6 and not stops & set(ids), (side, ids)
             else:
                 whole += 1
-                assert stops & set(ids)  # it stopped: training learns to stop there
+                assert ids[-1] in stops  # it stopped: training learns to stop there
+    assert not_round_trip >= 1  # the text route would have trained on other ids for these
     assert cut >= 2

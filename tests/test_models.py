@@ -51,3 +51,15 @@ def test_dpo_on_real_hh_rlhf_with_default_model(tmp_path):
     assert report["rows_read"] == 2000
     assert report["kept"] + sum(report["dropped"].values()) == 2000
     assert report["format"] == "implicit"
+
+
+def test_add_lora_emits_no_deprecation_warning(tiny_model_dir):
+    """peft reads a deprecated transformers attribute while wrapping; a user should not see that."""
+    import warnings
+
+    from dpolab.models import add_lora
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model = add_lora(load_model(str(tiny_model_dir)), 4, 8, 0.0, "all-linear")
+    assert any(p.requires_grad for p in model.parameters())

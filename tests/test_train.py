@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,9 +173,11 @@ def test_sft_lowers_chosen_nll(tiny_model_dir, toy_data, tmp_path):
     assert (tmp_path / "sft" / "final" / "model.safetensors").exists()
 
 
-def test_sft_first_then_dpo(tiny_model_dir, toy_data, tmp_path):
+def test_sft_first_then_dpo(tiny_model_dir, toy_data, tmp_path, capsys):
     result = run(tiny_model_dir, toy_data, tmp_path / "r", sft_first=True, max_steps=2)
     assert (tmp_path / "r" / "sft" / "final" / "model.safetensors").exists()
+    err = capsys.readouterr().err  # each stage announces itself: both log "[train] step k/n"
+    assert err.index("stage 1/2, SFT on prompt + chosen") < err.index("stage 2/2, sigmoid from")
     assert train_losses(result)[0] == pytest.approx(LN2, abs=1e-6)  # reference = the SFT model
 
 
@@ -254,3 +257,17 @@ def test_wpo_weights_the_first_loss_by_pair_probability(tiny_model_dir, toy_data
     first = result["history"][0]
     # weights exp(mean logp_w + mean logp_l) are < 1, so the weighted ln 2 is smaller
     assert 0 < first["loss"] < LN2
+
+
+def test_resume_elsewhere_names_the_relative_data_path(tmp_path, monkeypatch):
+    """config.yaml keeps --data as typed; --resume from another directory says why it is not found."""
+    from dpolab.config import TrainConfig
+    from dpolab.train import TrainingError, _check_resumed_paths
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TrainingError, match=r"pairs.jsonl: file not found \(--data in runs/x/config.yaml is relative"):
+        _check_resumed_paths(TrainConfig(data="pairs.jsonl", resume=True), Path("runs/x"))
+    (tmp_path / "pairs.jsonl").write_text("")
+    for ok in (TrainConfig(data="pairs.jsonl", resume=True), TrainConfig(data="someone/prefs", resume=True),
+               TrainConfig(data="gone.jsonl", resume=False)):
+        _check_resumed_paths(ok, Path("runs/x"))  # found / a hub name / not a resume: nothing to say

@@ -283,6 +283,12 @@ def _read_folder(source: str, split: str) -> Iterator[tuple[int, dict]]:
 def _read_hub(source: str, split: str) -> Iterator[tuple[int, dict]]:
     import datasets  # why: as in _read_folder
 
+    from ..hub import hub_dataset_problem
+
+    problem = hub_dataset_problem(source)  # seconds, not load_dataset's retries, when it cannot load
+    if problem:
+        raise DataError(f"{source}: not a file or folder, and not a loadable hub dataset: {problem}; "
+                        f"pass a local file (.jsonl, .json, .csv, .parquet, optionally .gz) or folder")
     try:
         ds = datasets.load_dataset(source, split=split)
     except Exception as e:  # network, missing repo, bad split...: all one user-facing line

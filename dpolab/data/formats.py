@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..perms import public
 from .files import DataError, _type_name
+from .sampled import SampledIds, parse_sampled
 
 __all__ = ["Message", "PreferenceExample", "DataReport", "normalise", "ASSISTANT_MARKER", "ROLES"]
 
@@ -66,6 +67,8 @@ class PreferenceExample:
     # (chosen, rejected) cut by a sampler's length limit (`chosen_truncated` / `rejected_truncated`
     # in rows `dpolab generate` writes): no EOS / end-of-turn is added, the model never sampled one
     truncated: tuple[bool, bool] = (False, False)
+    # the token ids `dpolab generate` sampled (see data/sampled.py); training prefers them to the text
+    sampled: SampledIds | None = None
 
 
 @dataclass
@@ -79,6 +82,11 @@ class DataReport:
     dropped: dict[str, int] = field(default_factory=dict)             # reason -> count
     dropped_rows: dict[str, list[int]] = field(default_factory=dict)  # reason -> first 20 row numbers
     format: str = ""  # "explicit" | "implicit" | "conversational" | "conversational-implicit"
+    notes: dict[str, int] = field(default_factory=dict)               # kept rows handled specially -> count
+
+    def note(self, what: str) -> None:
+        """Count one kept row handled in a way the user should know about (e.g. sampled ids not usable)."""
+        self.notes[what] = self.notes.get(what, 0) + 1
 
     def drop(self, reason: str, row: int) -> None:
         """Count one dropped row. Does not touch ``kept``: each stage sets ``kept`` when it ends."""
@@ -224,7 +232,7 @@ def _explicit(raw: dict, row: int, source: str, cols: _Columns) -> PreferenceExa
     if _blank(prompt):
         raise _Drop("empty prompt")
     _check_pair(chosen, rejected, _blank)
-    return PreferenceExample(row, prompt, chosen, rejected, _cut_flags(raw))
+    return PreferenceExample(row, prompt, chosen, rejected, _cut_flags(raw), parse_sampled(raw, row, source))
 
 
 def split_transcript(text: str) -> tuple[str, str] | None:
@@ -273,7 +281,7 @@ def _conversational(raw: dict, row: int, source: str, cols: _Columns) -> Prefere
     if any(c and c[-1]["role"] != "assistant" for c in (chosen, rejected)):
         raise _Drop("bad messages")
     _check_pair(chosen, rejected, _no_content)
-    return PreferenceExample(row, prompt, chosen, rejected, _cut_flags(raw))
+    return PreferenceExample(row, prompt, chosen, rejected, _cut_flags(raw), parse_sampled(raw, row, source))
 
 
 def _cut_flags(raw: dict) -> tuple[bool, bool]:

@@ -7,7 +7,9 @@ Decisions (beyond the TRL conventions this follows):
 - Left truncation of a long prompt keeps the tokenizer's BOS (when it adds one) plus the last
   ``max_prompt_length - 1`` tokens: models trained with a BOS behave badly without it.
 - Text completions get ``eos_token_id`` appended (unless already there, or the tokenizer has none);
-  conversational completions end with the template's end-of-turn already.
+  conversational completions end with the template's end-of-turn already. Rows `dpolab generate`
+  wrote carry the sampled ids (``data/sampled.py``): with the same tokenizer those ids are used as
+  they are (no EOS added, none removed), as decode -> encode does not always give them back.
 - Drop reasons added here: ``template prefix mismatch`` (the chat template does not render the
   prompt as a prefix of prompt + completion), ``chat template error`` (the template raised for that
   row, e.g. roles that do not alternate), ``empty prompt`` / ``empty completion`` (tokenises to
@@ -35,10 +37,11 @@ import numpy as np
 from ..perms import public
 from .files import DataError, read_rows, source_fingerprint
 from .formats import DataReport, PreferenceExample, normalise
+from .sampled import NOTE_SAMPLER_CUT, fingerprint, pick_ids
 
 __all__ = ["TokenizedPair", "render", "tokenize_examples", "truncate", "load_pairs", "split_eval"]
 
-CACHE_VERSION = 2  # bump when the tokenisation rules change, so old caches are not reused
+CACHE_VERSION = 3  # bump when the tokenisation rules change, so old caches are not reused
 
 
 @dataclass
@@ -152,8 +155,12 @@ def tokenize_examples(examples: Sequence[PreferenceExample], tokenizer, report: 
     r_ids = tokenizer(rejecteds, add_special_tokens=False)["input_ids"]
     bos, eos, adds_bos = tokenizer.bos_token_id, tokenizer.eos_token_id, _adds_bos(tokenizer)
     pairs = []
+    fp = fingerprint(tokenizer) if any(ex.sampled is not None for ex in examples) else {}
     for ex, p, c, r in zip(examples, p_ids, c_ids, r_ids):
-        if adds_bos and p[:2] == [bos, bos]:  # the chat template wrote BOS too
+        sampled = pick_ids(ex.sampled, fp, report)
+        if sampled is not None:  # exactly what was sampled: a stop token iff the sampler drew one
+            p, c, r = sampled
+        elif adds_bos and p[:2] == [bos, bos]:  # the chat template wrote BOS too
             p = p[1:]
         if not p:  # nothing to predict the first completion token from
             report.drop("empty prompt", ex.row)
@@ -161,7 +168,7 @@ def tokenize_examples(examples: Sequence[PreferenceExample], tokenizer, report: 
         if not c or not r:
             report.drop("empty completion", ex.row)
             continue
-        if isinstance(ex.prompt, str) and eos is not None:  # not after a completion the sampler cut
+        if isinstance(ex.prompt, str) and eos is not None and sampled is None:  # not after a sampler's cut
             c = c if c[-1] == eos or ex.truncated[0] else c + [eos]
             r = r if r[-1] == eos or ex.truncated[1] else r + [eos]
         cut = truncate(p, c, r, max_length, max_prompt_length, keep_first=adds_bos)
@@ -173,6 +180,8 @@ def tokenize_examples(examples: Sequence[PreferenceExample], tokenizer, report: 
             report.drop("chosen == rejected after truncation", ex.row)
             continue
         report.truncated += was_cut
+        if any(ex.truncated):  # not `truncated` above (that is max_length): said apart so "0 truncated" is not misread
+            report.note(NOTE_SAMPLER_CUT)
         pairs.append(TokenizedPair(ex.row, list(p), list(c), list(r)))
     report.kept = len(pairs)
     return pairs

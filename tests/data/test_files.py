@@ -103,6 +103,9 @@ def test_hub_name_failure_is_one_line(monkeypatch):
         raise ConnectionError("Couldn't reach the Hub\nretry later")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # past dpolab.hub's check, to datasets
     with pytest.raises(DataError) as e:
         list(read_rows("someone/some-prefs", split="train"))
     assert_one_line_error(e, "someone/some-prefs", "hub dataset", "Couldn't reach")
