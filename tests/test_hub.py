@@ -41,6 +41,7 @@ def test_model_info_errors_are_told_apart(monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
+    import dpolab.hub
     from dpolab.hub import check_hub_id
     from dpolab.models import ModelError
 
@@ -54,7 +55,7 @@ def test_model_info_errors_are_told_apart(monkeypatch):
                          (ConnectionError("refused"), r"hub is unreachable \(refused\)")):
         def fail(*_, error=error, **__):
             raise error
-        monkeypatch.setattr(huggingface_hub, "model_info", fail)
+        monkeypatch.setattr(dpolab.hub, "model_info", fail)
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
         with pytest.raises(ModelError, match=words):
             check_hub_id("someone/not-cached-model")
