@@ -46,8 +46,11 @@ RUNS = {
     "trl-bf16-liger": ("trl", "bf16", True, False, False),  # + use_liger_kernel (GPU; needs liger-kernel)
     "dpolab-bf16-dense": ("dpolab", "bf16", True, False, True),  # ablation: one masked SDPA call per layer
     "dpolab-fp32-dense": ("dpolab", "fp32", True, False, True),
+    "dpolab-fp32-loop": ("dpolab", "fp32", True, False, True),  # ablation: the per-block attention loop (CPU default before)
 }
 DPOLAB_OPTIONS = {"dpolab-bf16-dense": {"segment_attention": False}, "dpolab-fp32-dense": {"segment_attention": False}}
+# environment of a dpolab run's process (set before training)
+DPOLAB_ENV = {"dpolab-fp32-loop": {"DPOLAB_SEGMENT_KERNEL": "loop"}}
 # TRL 1.16's padding_free is "temporarily unavailable since the DPO refactor" (it warns and pads), so no run uses it
 TRL_OPTIONS = {"trl-bf16-liger": {"use_liger_kernel": True}}
 DEFAULT_RUNS = "trl-bf16-pre,trl-fp32-pre,trl-default-fp32,dpolab-bf16,dpolab-fp32"
@@ -393,6 +396,7 @@ def run_dpolab(spec: dict, bf16: bool, precompute: bool, checkpointing: bool, ft
     """dpolab's own trainer with its defaults (packing, prefix sharing, segment attention)."""
     import dpolab.train as trainer
 
+    os.environ.update(DPOLAB_ENV.get(spec["name"], {}))
     ref_timer, save_timer, fit_timer = Timer(spec["device"]), Timer(spec["device"]), Timer(spec["device"])
     step_timer = Timer(spec["device"])
     trainer.train_step = step_timer.wrap(trainer.train_step)

@@ -20,7 +20,10 @@ overrides it):
   per batch, shared by every layer). The row is padded to a multiple of `BUCKET` tokens so
   the compiled kernel is reused across batches. The default on CUDA, where the loop would
   be hundreds of tiny kernel launches per step.
-- "loop": one SDPA call per block (a Python loop). The default on CPU: PyTorch's
+- "unit": one SDPA call per unit (a prompt with its completions, or one packed sequence) with
+  a small boolean mask built once per batch. The default on CPU while every unit is at most
+  `UNIT_MAX` tokens (fewer, larger calls; no concatenated context keys), the loop beyond.
+- "loop": one SDPA call per block (a Python loop). On CPU for long units: PyTorch's
   FlexAttention has no CPU backward, and for forward-only work its compilation (35-100 s on
   2 cores, measured) costs more than the loop saves on eval-sized runs (docs/performance.md).
 """
@@ -40,7 +43,12 @@ NAME = "dpolab_segments"
 SUPPORTED = ("sdpa", "eager", NAME)  # implementations whose math the segment path reproduces
 calls = 0  # segment-attention calls so far: lets callers check the segments reached attention
 BUCKET = 128  # flex: rows padded to a multiple of this (FlexAttention's block size) to reuse compiled kernels
-KERNELS = ("loop", "flex")
+KERNELS = ("loop", "unit", "flex")
+# unit: longest unit (prompt + its completions) one masked call serves; longer rows take the loop.
+# Measured on 2 cores (fwd+bwd, one layer's attention, unit/loop CPU time): 290-token units
+# 0.74, 600 0.58, 1000 1.29, 2000 1.31 (the masked call computes the chosen x rejected block
+# and the upper triangle, twice the loop's FLOPs; below ~600 tokens call overhead dominates).
+UNIT_MAX = 768
 
 
 def kernel(device: torch.device, grad: bool) -> str:
@@ -52,7 +60,7 @@ def kernel(device: torch.device, grad: bool) -> str:
         if forced == "flex" and grad and device.type == "cpu":
             raise ValueError("FlexAttention has no CPU backward in PyTorch: use DPOLAB_SEGMENT_KERNEL=loop for CPU training")
         return forced
-    return "flex" if device.type == "cuda" else "loop"
+    return "flex" if device.type == "cuda" else "unit"
 
 
 def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, dpolab_segments=None, **kwargs):
@@ -63,11 +71,14 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
         raise ValueError("segment attention needs a packed batch (one row)")
     global calls
     calls += 1
-    if kernel(query.device, torch.is_grad_enabled()) == "flex":
+    chosen = kernel(query.device, torch.is_grad_enabled())
+    if chosen == "flex":
         return flex_segments(query, key, value, dpolab_segments, scaling), None
+    dropout = dropout if module.training else 0.0
+    if chosen == "unit" and (os.environ.get("DPOLAB_SEGMENT_KERNEL") or max(n for _, n, _ in units(dpolab_segments)) <= UNIT_MAX):
+        return unit_segments(query, key, value, dpolab_segments, scaling, dropout), None
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    dropout = dropout if module.training else 0.0
     # torch.split, not one slice per block: the backward of a slice allocates a zero tensor
     # the size of the whole row, once per block and layer.
     queries = torch.split(query, [length for _, length, _, _ in dpolab_segments], dim=2)
@@ -88,6 +99,63 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
         outs.append(out)
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def units(segments: tuple) -> tuple:
+    """Group blocks into units `(start, length, mask)`: a plain causal block and the blocks that take it as context.
+
+    `mask` (length, length) bool is the unit's attention pattern (None: plain causal), built once
+    per batch (cached) and shared by every layer.
+    """
+    if segments in _unit_cache:
+        return _unit_cache[segments]
+    groups: list[list] = []
+    for seg in segments:
+        start, length, ctx_start, ctx_length = seg
+        inside = groups and ctx_length and groups[-1][0][0] <= ctx_start and ctx_start + ctx_length <= start
+        if inside:
+            groups[-1].append(seg)
+        else:
+            groups.append([seg])
+    out = []
+    for group in groups:
+        u0 = group[0][0]
+        size = group[-1][0] + group[-1][1] - u0
+        if len(group) == 1 and group[0][3] == 0:
+            out.append((u0, size, None))
+            continue
+        mask = torch.zeros(size, size, dtype=torch.bool)
+        for start, length, ctx_start, ctx_length in group:
+            a = start - u0
+            mask[a : a + length, a : a + length] = torch.ones(length, length, dtype=torch.bool).tril()
+            mask[a : a + length, ctx_start - u0 : ctx_start - u0 + ctx_length] = True
+        out.append((u0, size, mask))
+    _unit_cache.clear()  # one batch at a time
+    _unit_cache[segments] = tuple(out)
+    return _unit_cache[segments]
+
+
+_unit_cache: dict = {}
+
+
+def unit_segments(query, key, value, segments: tuple, scaling=None, dropout=0.0) -> torch.Tensor:
+    """One SDPA call per unit (a prompt with all its completions) with a small boolean mask:
+    query (1, H, T, D), key/value (1, Hkv, T, D) -> (1, T, H, D).
+
+    Fewer, larger calls than the per-block loop and no concatenation of context keys, at the
+    price of computing the masked-out (chosen x rejected) block of each unit.
+    """
+    grouped = units(segments)
+    sizes = [size for _, size, _ in grouped]
+    gqa = query.shape[1] != key.shape[1]  # SDPA shares kv heads itself: no repeated copies of k and v
+    outs = []
+    for q, k, v, (_, size, mask) in zip(*(torch.split(x, sizes, dim=2) for x in (query, key, value)), grouped):
+        if mask is None:
+            outs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa))
+        else:
+            outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.device), dropout_p=dropout, scale=scaling,
+                                                       enable_gqa=gqa))
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
 
 
 def flex_segments(query, key, value, segments: tuple, scaling=None) -> torch.Tensor:

@@ -25,14 +25,14 @@ def tokenizer():
 
 def test_kernel_choice(monkeypatch):
     monkeypatch.delenv("DPOLAB_SEGMENT_KERNEL", raising=False)
-    assert attention.kernel(torch.device("cpu"), grad=True) == "loop"
+    assert attention.kernel(torch.device("cpu"), grad=True) == "unit"
     assert attention.kernel(torch.device("cuda"), grad=True) == "flex"
     monkeypatch.setenv("DPOLAB_SEGMENT_KERNEL", "flex")
     assert attention.kernel(torch.device("cpu"), grad=False) == "flex"
     with pytest.raises(ValueError, match="no CPU backward"):
         attention.kernel(torch.device("cpu"), grad=True)
     monkeypatch.setenv("DPOLAB_SEGMENT_KERNEL", "fast")
-    with pytest.raises(ValueError, match="loop, flex"):
+    with pytest.raises(ValueError, match="loop, unit, flex"):
         attention.kernel(torch.device("cpu"), grad=False)
 
 
@@ -51,6 +51,58 @@ def test_block_mask_matches_segments():
     assert not dense[:14, 14:].any() and dense[14:, 14:].diagonal().all()  # padding sees only padding
 
 
+def test_units_cover_segments_with_their_visibility():
+    """Each unit's mask is exactly what its blocks see; units tile the row in order."""
+    segments = ((0, 5, 0, 0), (5, 3, 0, 2), (8, 2, 0, 2), (10, 4, 0, 0), (14, 6, 0, 0), (20, 2, 14, 1))
+    grouped = attention.units(segments)
+    assert [(s, n) for s, n, _ in grouped] == [(0, 10), (10, 4), (14, 8)]
+    assert grouped[1][2] is None  # a lone causal block needs no mask
+    want = torch.zeros(22, 22, dtype=torch.bool)
+    for start, length, ctx_start, ctx_length in segments:
+        for i in range(start, start + length):
+            want[i, start : i + 1] = True
+            want[i, ctx_start : ctx_start + ctx_length] = True
+    for start, size, mask in grouped:
+        block = want[start : start + size, start : start + size]
+        assert torch.equal(mask if mask is not None else torch.ones(size, size, dtype=torch.bool).tril(), block)
+        assert not want[start : start + size, :start].any() and not want[start : start + size, start + size :].any()
+
+
+def test_unit_kernel_matches_loop_with_gradients(tokenizer, monkeypatch):
+    """One masked SDPA call per unit gives the loop's log-probs and gradients (fp32, CPU)."""
+    pairs = multi_turn_pairs(tokenizer, 5, 3, max_length=120, max_prompt_length=64) + edge_pairs()
+    batch = collate_pairs(pairs, tokenizer.pad_token_id, Layout(True, True, True))
+    grads, logps = {}, {}
+    for name in ("loop", "unit"):
+        monkeypatch.setenv("DPOLAB_SEGMENT_KERNEL", name)
+        model = tiny(len(tokenizer)).train()
+        logps[name] = forward_logps(model, batch)
+        logps[name].sum().backward()
+        grads[name] = {n: p.grad for n, p in model.named_parameters()}
+    torch.testing.assert_close(logps["unit"], logps["loop"], atol=1e-5, rtol=1e-5)
+    for n, g in grads["loop"].items():
+        torch.testing.assert_close(grads["unit"][n], g, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_long_units_take_the_loop_by_default(tokenizer, monkeypatch):
+    """Above UNIT_MAX tokens a unit's masked call costs more than the loop: the default falls back."""
+    pairs = multi_turn_pairs(tokenizer, 3, 2, max_length=120, max_prompt_length=64)
+    batch = collate_pairs(pairs, tokenizer.pad_token_id, Layout(True, True, True))
+    model = tiny(len(tokenizer))
+    used = []
+    inner = attention.unit_segments
+    monkeypatch.setattr(attention, "unit_segments", lambda *a, **k: used.append(1) or inner(*a, **k))
+    monkeypatch.delenv("DPOLAB_SEGMENT_KERNEL", raising=False)
+    with torch.no_grad():
+        short = forward_logps(model, batch)
+        assert used
+        used.clear()
+        monkeypatch.setattr(attention, "UNIT_MAX", 4)
+        long = forward_logps(model, batch)
+    assert not used
+    torch.testing.assert_close(short, long, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.slow  # compiles FlexAttention (about a minute on 2 cores)
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
 def test_flex_forward_matches_loop(tokenizer, monkeypatch, autocast):
@@ -58,7 +110,7 @@ def test_flex_forward_matches_loop(tokenizer, monkeypatch, autocast):
     model = tiny(len(tokenizer))
     batch = collate_pairs(pairs, tokenizer.pad_token_id, Layout(True, True, True))
     got = {}
-    for name in attention.KERNELS:
+    for name in ("loop", "flex"):
         monkeypatch.setenv("DPOLAB_SEGMENT_KERNEL", name)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             got[name] = forward_logps(model, batch)
@@ -73,7 +125,7 @@ def test_flex_gradients_match_loop_on_cuda(tokenizer, monkeypatch):
     batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v
              for k, v in collate_pairs(pairs, tokenizer.pad_token_id, Layout(True, True, True)).items()}
     grads, logps = {}, {}
-    for name in attention.KERNELS:
+    for name in ("loop", "flex"):
         monkeypatch.setenv("DPOLAB_SEGMENT_KERNEL", name)
         model = tiny(len(tokenizer)).cuda().train()
         logps[name] = forward_logps(model, batch)
