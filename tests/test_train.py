@@ -204,7 +204,7 @@ def test_resume_logs_each_step_once(tiny_model_dir, toy_data, tmp_path):
 def test_flush_denormal_is_set_for_the_run_and_switchable(tiny_model_dir, toy_data, tmp_path):
     denormal = lambda: float(torch.tensor([1e-39]) * 1.0)  # noqa: E731
     on = run(tiny_model_dir, toy_data, tmp_path / "on", max_steps=2, flush_denormal=True)
-    assert denormal() == 0.0
+    assert denormal() > 0.0  # the process-wide mode ends with the run: the caller's arithmetic is its own
     off = run(tiny_model_dir, toy_data, tmp_path / "off", max_steps=2, flush_denormal=False)
     assert denormal() > 0.0
     assert train_losses(on) == pytest.approx(train_losses(off), abs=1e-6)
