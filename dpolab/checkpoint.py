@@ -7,6 +7,8 @@ Layout of `<output_dir>/checkpoint-<step>/`:
     accelerate/        FSDP / DeepSpeed runs only: every process's weight and optimizer shards
                        (Accelerate's save_state), read back by a resume under the same launch.
 The weights are always consolidated, so any checkpoint loads in a single process.
+`<output_dir>/final/` holds the trained model alone, plus `dpolab_run.json` with the step it
+ended at (how `--resume` tells a finished run from an interrupted one).
 
 A checkpoint (and the final model) is first written to `<name>.tmp-<pid>` and renamed into
 place (`atomic_dir`), so a crash mid-write never leaves a checkpoint that looks complete; pruned
@@ -17,6 +19,7 @@ checkpoints are renamed to `<name>.deleting-<pid>` before deletion for the same 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import random
@@ -32,6 +35,7 @@ from .distributed import is_sharded, main_decides
 from .perms import public
 
 STATE_FILE = "training_state.pt"
+FINISHED_FILE = "dpolab_run.json"  # in final/: {"step": N}
 SHARDS = "accelerate"  # per-process FSDP / DeepSpeed state (Accelerate's save_state) for resume
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 _PARTIAL = re.compile(r"^(checkpoint-\d+|final|merged)\.(tmp|deleting)-\d+$")
@@ -99,10 +103,26 @@ def atomic_dir(final: Path):
         raise
 
 
-def save_model(model, tokenizer, path: Path, state_dict=None) -> None:
-    """HF format, written atomically: safetensors weights (adapter only for PEFT), config, tokenizer."""
+def save_model(model, tokenizer, path: Path, state_dict=None, step: int | None = None) -> None:
+    """HF format, written atomically: safetensors weights (adapter only for PEFT), config, tokenizer,
+    and (a run's final/) the step it ended at, so --resume can tell a finished run."""
     with atomic_dir(path) as tmp:
         _write_model(model, tokenizer, tmp, state_dict)
+        if step is not None:
+            (tmp / FINISHED_FILE).write_text(json.dumps({"step": step}) + "\n")
+
+
+def finished_step(output_dir: Path) -> int | None:
+    """The step a finished run ended at (None: not finished, or written before dpolab recorded it)."""
+    try:
+        return int(json.loads((Path(output_dir) / "final" / FINISHED_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def step_of(checkpoint_dir: Path) -> int:
+    """The step of a `checkpoint-<step>` folder."""
+    return int(_CKPT.match(Path(checkpoint_dir).name).group(1))
 
 
 def _write_model(model, tokenizer, path: Path, state_dict=None) -> None:

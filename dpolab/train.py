@@ -45,6 +45,7 @@ from .ref_sync import ReferenceSync
 from . import displacement, distributed, kto, length_desensitize, listwise, reference as ref
 from . import safety
 from .errors import TrainingError
+from .wording import plural
 
 
 @dataclass
@@ -227,11 +228,8 @@ def _claim_output_dir(cfg, output_dir: Path) -> str | None:
     """(Rank 0) refuse a folder holding another run, else create it and write config.yaml."""
     if not cfg.resume and (checkpoint.latest(output_dir) or (output_dir / "final").exists()):
         return f"{output_dir} already holds a run: pass --resume to continue it or choose another --output-dir"
-    if cfg.resume and not checkpoint.latest(output_dir) and (output_dir / "final").exists():
-        # without this, --resume would silently train again from step 0 over the finished model
-        return (f"{output_dir} is a finished run with no checkpoint to continue from (its final/ holds no optimizer "
-                f"state; --final-checkpoint keeps one): start a new run from it with --model {output_dir} "
-                "--output-dir NEW_DIR")
+    if cfg.resume and (output_dir / "final").exists() and (problem := _finished_run_problem(output_dir)):
+        return problem
     try:
         safety.check_writable(output_dir)
     except TrainingError as e:
@@ -239,11 +237,29 @@ def _claim_output_dir(cfg, output_dir: Path) -> str | None:
     return None  # config.yaml is written once the run really starts (`record_config`)
 
 
+def _finished_run_problem(output_dir: Path) -> str | None:
+    """Why --resume cannot continue a finished run: without this it would silently train again
+    over final/, from step 0 or from an older periodic checkpoint."""
+    last, done = checkpoint.latest(output_dir), checkpoint.finished_step(output_dir)
+    if last is None:
+        reason = "no checkpoint to continue from (its final/ holds no optimizer state; --final-checkpoint keeps one)"
+    elif done is not None and (step := checkpoint.step_of(last)) < done:
+        redo = f"step {done}" if step + 1 == done else f"steps {step + 1}-{done}"
+        reason = f"finished at step {done}, but its newest checkpoint is step {step}: resuming would redo {redo}"
+    else:
+        return None
+    return f"{output_dir} is a finished run with {reason}: start a new run from it with --model {output_dir} --output-dir NEW_DIR"
+
+
 def record_config(run: Run) -> None:
     """(Rank 0) config.yaml with bf16 as it resolved here, so `--config` repeats the same run."""
     if run.accelerator.is_main_process:
         resolved = dataclasses.replace(run.cfg, bf16=str(run.bf16).lower())
-        save_config(resolved, run.output_dir / "config.yaml", notes={"bf16": f"requested {run.cfg.bf16}"})
+        notes = {"bf16": f"requested {run.cfg.bf16}"}
+        if hasattr(run.cfg, "max_prompt_length") and not run.cfg.max_prompt_length:
+            resolved = dataclasses.replace(resolved, max_prompt_length=prompt_limit(run.cfg))
+            notes["max_prompt_length"] = "requested 0 (half of max_length)"
+        save_config(resolved, run.output_dir / "config.yaml", notes=notes)
 
 
 def load_data(cfg, run: Run):
@@ -295,9 +311,8 @@ def data_summary(source: str, report, n_train: int, n_eval: int, limit: int = 0)
     dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items())) or "none"
     used = f"first {limit} used: " if limit else ""
     notes = "".join(f", {n} {what}" for what, n in sorted(getattr(report, "notes", {}).items()))
-    return (f"data {source}: {report.rows_read} rows, {report.kept} kept, dropped: {dropped}, {report.truncated} truncated"
-            f"{notes}; "
-            f"{used}{n_train} train / {n_eval} eval pairs")
+    return (f"data {source}: {plural(report.rows_read, 'row')}, {report.kept} kept, dropped: {dropped}, "
+            f"{report.truncated} truncated{notes}; {used}{n_train} train / {plural(n_eval, 'eval pair')}")
 
 
 def build_policy(cfg, run: Run):
@@ -370,7 +385,8 @@ def fit(run: Run, model, train_idx: list[int], eval_idx: list[int], objective, m
     per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes
     steps_per_epoch = len(train_idx) // per_step
     if steps_per_epoch == 0:
-        raise TrainingError(f"{len(train_idx)} training pairs is fewer than one step's {per_step} (batch_size x grad_accum x processes)")
+        raise TrainingError(f"{plural(len(train_idx), 'training pair')} is fewer than one step's {per_step} "
+                            "(batch_size x grad_accum x processes)")
     total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     optimizer, scheduler = make_optimizer(cfg, model, total)
     safety.prepare_output(run, model, total)
@@ -383,6 +399,8 @@ def fit(run: Run, model, train_idx: list[int], eval_idx: list[int], objective, m
         counters = resume(last, model, optimizer, scheduler, acc, counters)
         if on_step is not None:  # e.g. TR-DPO restores the reference synchronised before this step
             on_step(model, counters["step"], resumed=True)
+    if counters["step"] >= total and (run.output_dir / "final").exists():  # --resume of a finished run
+        return _nothing_to_do(run, counters, total)
     record_config(run)
     logger = MetricsLogger(run.output_dir, total, counters["step"], acc.is_main_process, cfg.progress)
     stop = safety.GracefulStop().install()  # SIGINT/SIGTERM: save at the next step boundary
@@ -415,7 +433,7 @@ def fit(run: Run, model, train_idx: list[int], eval_idx: list[int], objective, m
         stopped = stop.requested(acc)  # a signal in the final evaluation: save everything, then stop
         if cfg.final_checkpoint or stopped:
             save_checkpoint(run, model, optimizer, scheduler, counters)
-        save_final(run, model)
+        save_final(run, model, counters["step"])
         if stopped:
             raise stop.interrupted(counters["step"], run.output_dir, acc)
     finally:
@@ -424,6 +442,14 @@ def fit(run: Run, model, train_idx: list[int], eval_idx: list[int], objective, m
         torch.set_flush_denormal(False)  # process-wide: a Python caller's own arithmetic after train() is its own
     logger.summary(f"dpolab {type(cfg).__name__.replace('Config', '').lower()}: {run.output_dir}")
     return {"output_dir": str(run.output_dir), "steps": counters["step"], "bad_steps": counters["bad_steps"], "history": logger.history}
+
+
+def _nothing_to_do(run: Run, counters: dict, total: int) -> dict:
+    """A resumed run that already made its steps: say so, and leave config, metrics and final/ as they are."""
+    run.accelerator.print(f"{run.output_dir} already finished at step {counters['step']} of {total}: nothing to do "
+                          "(raise --max-steps or --epochs to train it further)")
+    torch.set_flush_denormal(False)
+    return {"output_dir": str(run.output_dir), "steps": counters["step"], "bad_steps": counters["bad_steps"], "history": []}
 
 
 def step_indices(train_idx: list[int], step: int, steps_per_epoch: int, per_step: int, seed: int) -> list[int]:
@@ -496,7 +522,7 @@ def _bad_step(run: Run, counters: dict, indices) -> None:
     rows = f"rows {sorted(run.pair_rows[i] for i in indices)} of {run.cfg.data}" if run.pair_rows else f"pairs {sorted(indices)}"
     if counters["bad_steps"] > run.cfg.max_bad_steps:
         raise TrainingError(
-            f"{counters['bad_steps']} steps had a non-finite loss or gradient (limit --max-bad-steps "
+            f"{plural(counters['bad_steps'], 'step')} had a non-finite loss or gradient (limit --max-bad-steps "
             f"{run.cfg.max_bad_steps}); last at step {counters['step'] + 1}, {rows}"
         )
     run.accelerator.print(f"warning: non-finite loss or gradient at step {counters['step'] + 1}; step skipped ({rows})")
@@ -582,13 +608,13 @@ def resume(path: Path, model, optimizer, scheduler, acc, counters: dict) -> dict
     return {**counters, **state["counters"]}
 
 
-def save_final(run: Run, model) -> None:
+def save_final(run: Run, model, step: int) -> None:
     """The trained model in HF format at <output_dir>/final (and merged weights with --merge-lora)."""
     acc = run.accelerator
     weights = acc.get_state_dict(model)  # consolidated: FSDP / ZeRO shards gathered onto rank 0
     if acc.is_main_process:
         unwrapped = acc.unwrap_model(model)
-        checkpoint.save_model(unwrapped, run.tokenizer, run.output_dir / "final", weights)
+        checkpoint.save_model(unwrapped, run.tokenizer, run.output_dir / "final", weights, step=step)
         if getattr(run.cfg, "merge_lora", False) and hasattr(unwrapped, "merge_and_unload"):
             checkpoint.save_model(_merged(unwrapped, run), run.tokenizer, run.output_dir / "merged")
     acc.wait_for_everyone()  # other ranks may read final/ next (--sft-first)

@@ -72,7 +72,9 @@ def _records(out: Path, split: str = "train") -> list[dict]:
 def test_max_length_alone_derives_the_prompt_limit(tmp_path, tiny_model_dir, toy_data, capsys):
     out = tmp_path / "r"
     assert main(_train_args(tiny_model_dir, toy_data, out, "--max-length", "64", "--max-steps", "1")) == 0
-    assert yaml.safe_load((out / "config.yaml").read_text())["max_prompt_length"] == 0  # 0 = half of max_length
+    # the run records the limit in force, and what was asked for
+    line = next(x for x in (out / "config.yaml").read_text().splitlines() if x.startswith("max_prompt_length:"))
+    assert line == "max_prompt_length: 32  # requested 0 (half of max_length)"
     code = main(_train_args(tiny_model_dir, toy_data, tmp_path / "bad", "--max-length", "64", "--max-prompt-length", "64"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("dpolab train: error: max_prompt_length must be < max_length (64)")
@@ -203,6 +205,30 @@ def test_resume_of_a_finished_run_without_checkpoint_is_refused_not_retrained(tm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a finished run with no checkpoint to continue from" in err[0] and f"--model {out}" in err[0]
     assert (out / "final" / "model.safetensors").read_bytes() == before
+
+
+def test_resume_of_a_finished_run_with_an_older_checkpoint_is_refused_not_redone(tmp_path, tiny_model_dir, toy_data, capsys):
+    out = tmp_path / "r"
+    assert main(_train_args(tiny_model_dir, toy_data, out, "--max-steps", "3", "--save-every", "2")) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    before = {p.name: p.read_bytes() for p in (out / "final").iterdir()} | {"metrics": (out / "metrics.jsonl").read_bytes()}
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "finished at step 3, but its newest checkpoint is step 2" in err[0] and "would redo step 3:" in err[0]
+    assert {p.name: p.read_bytes() for p in (out / "final").iterdir()} | {"metrics": (out / "metrics.jsonl").read_bytes()} == before
+
+
+def test_resume_of_a_run_finished_with_its_checkpoint_does_nothing_until_asked_for_more(tmp_path, tiny_model_dir, toy_data, capsys):
+    out = tmp_path / "r"
+    assert main(_train_args(tiny_model_dir, toy_data, out, "--max-steps", "2", "--final-checkpoint")) == 0
+    before = (out / "final" / "model.safetensors").read_bytes(), (out / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(out), "--resume"]) == 0
+    assert "already finished at step 2 of 2: nothing to do" in capsys.readouterr().out
+    assert ((out / "final" / "model.safetensors").read_bytes(), (out / "metrics.jsonl").read_bytes()) == before
+    assert main(["train", "--output-dir", str(out), "--resume", "--max-steps", "3"]) == 0  # more steps: it continues
+    assert [r["step"] for r in _records(out)] == [1, 2, 3]
 
 
 def test_limit_trains_on_the_first_n_pairs_and_the_data_line_says_so(tmp_path, tiny_model_dir, toy_data, capsys):
