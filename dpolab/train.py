@@ -313,8 +313,8 @@ def build_reference(cfg: TrainConfig, run: Run):
     if cfg.ref_model:
         return _frozen(cfg.ref_model, cfg, run)
     if cfg.lora:
-        return "adapter"
-    return "initial" if cfg.precompute_ref else _frozen(cfg.model, cfg, run)
+        return ref.ADAPTER
+    return ref.INITIAL if cfg.precompute_ref else _frozen(cfg.model, cfg, run)
 
 
 def finish_reference(cfg: TrainConfig, run: Run, policy, reference, pairs):
@@ -326,7 +326,7 @@ def finish_reference(cfg: TrainConfig, run: Run, policy, reference, pairs):
         reference = distributed.prepare_frozen(reference, acc)
     if reference is None or not cfg.precompute_ref:
         return reference
-    source = policy if isinstance(reference, str) and reference == "initial" else reference
+    source = policy if ref.kind(reference) == "initial" else reference
     identity = ref.model_identity(resolve_model_path(cfg.ref_model or cfg.model)) + f";bf16={run.bf16};mp={acc.mixed_precision}"
     path = cache_dir() / "reference" / f"{ref.fingerprint(pairs, identity, cfg.packing)}.safetensors"
     compute = lambda: ref.compute_all(  # noqa: E731

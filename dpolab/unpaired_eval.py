@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from .data.files import read_rows
+from .data.unpaired import is_unpaired, load_unpaired
+from .models import cache_dir
+from .stats import proportion_interval
+
 
 def is_unpaired_source(source: str, split: str = "train") -> bool:
-    from .data.files import read_rows
-    from .data.unpaired import is_unpaired
-
     first = next(read_rows(source, split), None)
     return first is not None and is_unpaired(first[1])
 
 
 def label_summary(rewards, labels, ci: str = "wilson", n_boot: int = 2000, seed: int = 0) -> dict:
     """Label accuracy (with interval), pairwise accuracy and mean reward per label of (N,) rewards / bool labels."""
-    from .stats import proportion_interval
-
     rewards, labels = np.asarray(rewards, dtype=np.float64), np.asarray(labels, dtype=bool)
     signed = np.where(labels, rewards, -rewards)
     correct = (signed > 0) + 0.5 * (signed == 0)
@@ -44,9 +44,6 @@ def label_summary(rewards, labels, ci: str = "wilson", n_boot: int = 2000, seed:
 
 def unpaired_eval(pair, cfg) -> dict:
     """The `preference` section of eval.json for unpaired data."""
-    from .data.unpaired import load_unpaired
-    from .models import cache_dir
-
     examples, report = load_unpaired(cfg.data, pair.tokenizer, max_length=cfg.max_length,
                                      max_prompt_length=cfg.max_prompt_length, prompt_column=cfg.prompt_column,
                                      cache_dir=str(cache_dir() / "data"))

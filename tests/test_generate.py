@@ -276,7 +276,7 @@ def test_training_sees_exactly_the_sampled_tokens(tiny_model_dir, tmp_path, chat
     sees the sampled text and a stop token only where the sampler stopped. (Text rows are
     re-tokenised, so ids equal the sampled ones where those are the tokenizer's own spelling.)"""
     from dpolab.data import load_pairs
-    from dpolab.generate import sample_ids
+    from dpolab.sampling import sample_ids
     from dpolab.models import load_model, load_tokenizer
 
     _generate(tiny_model_dir, tmp_path, chat=chat, max_new_tokens=6, temperature=2.0)
