@@ -40,7 +40,7 @@ class RankConfig:
     models: str = opt("", "Comma-separated model paths (checkpoints, LoRA adapters, 'default').")
     names: str = opt("", "Comma-separated display names (default: the paths).")
     ref_model: str = opt("", "Reference for every model in pairs mode; empty = each model's own (adapter base / run config).")
-    beta: float = opt(0.1, "beta of the implicit reward (pairs mode).")
+    beta: float = opt(0.0, "beta of the implicit reward (pairs mode); 0 = each run's own (its config.yaml), else 0.1.")
     data: str = opt("", "Preference pairs: rank by correct implicit-reward ordering.")
     prompts: str = opt("", "Prompt set: rank by the judge's reward of each model's samples (needs --reward).")
     reward: str = opt("", "Judge for prompts mode: sentiment | length | regex | module:function | a reward-model path.")
