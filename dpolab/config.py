@@ -283,7 +283,8 @@ class RankConfig(Scoring, Lengths, PairColumns, Sampling, RewardSpec, Limit, Ref
 
     models: str = opt("", "Comma-separated model paths (checkpoints, LoRA adapters, 'default').")
     names: str = opt("", "Comma-separated display names (default: the paths).")
-    beta: float = like(ImplicitReward, "beta", 0.1, "beta of the implicit reward (pairs mode).")
+    beta: float = like(ImplicitReward, "beta", help="beta of the implicit reward (pairs mode); 0 = each run's own "
+                                                   "(its config.yaml), else 0.1.")
     data: str = opt("", "Preference pairs: rank by correct implicit-reward ordering.")
     prompts: str = opt("", "Prompt set: rank by the judge's reward of each model's samples (needs --reward).")
     n_boot: int = opt(1000, "Bootstrap resamples of the items for the rating intervals.")

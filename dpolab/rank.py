@@ -15,10 +15,21 @@ intervals from resampling items. Outputs: rank.json, win_matrix.png and a ranked
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+import numpy as np
+
 from .config import RankConfig, resolve
+from .evaluate import judge_texts, load_eval_pairs, pair_rewards
+from .metrics import print_table
+from .models import load_tokenizer, pick_device, trained_beta
+from .pair import load_frozen, load_model_pair
+from .prompts import read_prompts
+from .rewards import reward_from_config
+from .sampling import draw, settings
+from .stats import bradley_terry_bootstrap, elo, outcomes, win_matrix
 
 
 def split_list(text: str) -> list[str]:
@@ -38,8 +49,11 @@ def rank(cfg: RankConfig | None = None, **overrides) -> dict:
         raise ValueError("rank on either --data PAIRS or --prompts PROMPTS (with --reward), not both or neither")
     if cfg.prompts and not cfg.reward:
         raise ValueError("ranking on prompts needs a judge: --reward")
-    scores, measure = pair_scores(models, cfg) if cfg.data else prompt_scores(models, cfg)
+    betas = [trained_beta(m, cfg.beta) for m in models] if cfg.data else None  # --beta, else each run's own
+    scores, measure = pair_scores(models, cfg, betas) if cfg.data else prompt_scores(models, cfg)
     result = ranking(scores, names, cfg.n_boot, cfg.seed, cfg.prior)
+    for m, beta in zip(result["models"], betas or []):
+        m["beta"] = beta
     result.update({"mode": "pairs" if cfg.data else "prompts", "source": cfg.data or cfg.prompts,
                    "measure": measure, "paths": models, "reward": cfg.reward or None})
     out = Path(cfg.output_dir)
@@ -52,10 +66,6 @@ def rank(cfg: RankConfig | None = None, **overrides) -> dict:
 
 def ranking(scores, names: list[str], n_boot: int = 1000, seed: int = 0, prior: float = 0.1) -> dict:
     """scores (K, M) -> the rank.json content: BT ratings with intervals, win matrix, ordering."""
-    import numpy as np
-
-    from .stats import bradley_terry_bootstrap, elo, win_matrix
-
     scores = np.asarray(scores, dtype=np.float64)
     theta, lower, upper = bradley_terry_bootstrap(scores, n_boot=n_boot, seed=seed, prior=prior)
     wins = win_matrix(scores)
@@ -70,19 +80,17 @@ def ranking(scores, names: list[str], n_boot: int = 1000, seed: int = 0, prior: 
 
 
 # ----------------------------------------------------------------------------- scores per model
-def pair_scores(models: list[str], cfg: RankConfig):
-    """(K, M) correctness of each model's implicit-reward ordering on the pairs all models kept."""
-    import numpy as np
+def pair_scores(models: list[str], cfg: RankConfig, betas: list[float]):
+    """(K, M) correctness of each model's implicit-reward ordering on the pairs all models kept.
 
-    from .evaluate import load_eval_pairs, pair_rewards
-    from .score import load_model_pair
-    from .stats import outcomes
-
+    Model i's implicit reward uses betas[i]: `--beta` if given, else the beta its run was trained
+    with (its config.yaml, as eval and score do), else 0.1. (A tie needs equal rewards, so the
+    beta changes which pairs count as ties only through rounding; it is recorded in rank.json.)"""
     per_model = []
-    for path in models:
+    for path, beta in zip(models, betas):
         pair = load_model_pair(path, cfg.ref_model, device=cfg.device, bf16=cfg.bf16, trust_remote_code=cfg.trust_remote_code)
         pairs = load_eval_pairs(cfg.data, pair.tokenizer, cfg)
-        chosen, rejected = pair_rewards(pair, pairs, cfg.beta, cfg.batch_size, cfg.packing)
+        chosen, rejected = pair_rewards(pair, pairs, beta, cfg.batch_size, cfg.packing)
         per_model.append(dict(zip([p.row for p in pairs], outcomes(chosen, rejected))))
         del pair
     rows = sorted(set.intersection(*(set(m) for m in per_model)))  # tokenizers may drop different rows
@@ -93,14 +101,6 @@ def pair_scores(models: list[str], cfg: RankConfig):
 
 def prompt_scores(models: list[str], cfg: RankConfig):
     """(K, prompts x num_samples) judge rewards of each model's samples, same seed for all."""
-    import numpy as np
-
-    from .evaluate import draw_samples, judge_texts
-    from .prompts import read_prompts
-    from .models import load_tokenizer, pick_device
-    from .rewards import reward_from_config
-    from .score import load_frozen
-
     prompts = read_prompts(cfg.prompts, cfg.prompt_column, cfg.limit)
     judge = reward_from_config(cfg)
     texts = judge_texts(prompts, cfg.num_samples)
@@ -109,7 +109,7 @@ def prompt_scores(models: list[str], cfg: RankConfig):
     for path in models:
         tokenizer = load_tokenizer(path, cfg.trust_remote_code)
         model = load_frozen(path, device, cfg.trust_remote_code)
-        scores.append([float(r) for r in judge(texts, draw_samples(model, tokenizer, prompts, cfg).texts)])
+        scores.append([float(r) for r in judge(texts, draw(model, tokenizer, prompts, **settings(cfg)).texts)])
         del model
     return np.array(scores), f"mean reward ({cfg.reward})"
 
@@ -117,13 +117,10 @@ def prompt_scores(models: list[str], cfg: RankConfig):
 # ----------------------------------------------------------------------------- outputs
 def win_matrix_png(result: dict) -> bytes:
     """Heat map of the win fraction of row model over column model, models in rank order."""
-    import io
-
-    import matplotlib
+    import matplotlib  # why: heavy, and only this function draws
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     names = result["order"]
     index = [result["names"].index(n) for n in names]
@@ -161,7 +158,5 @@ RANK_COLUMNS = ["rank", "model", "Bradley-Terry Elo [95% CI]", "mean score", "wi
 
 
 def print_ranking(result: dict, out: Path) -> None:
-    from .metrics import print_table
-
     print_table(f"dpolab rank: {result['mode']} ({result['items']} items, score = {result['measure']})", RANK_COLUMNS,
                 ranking_rows(result), footer=f"-> {out / 'rank.json'}, {out / 'win_matrix.png'}", left="model")

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from dpolab.cli import main
-from dpolab.evaluate import accuracy_summary, evaluate, load_prompts, sequence_kl
+from dpolab.evaluate import accuracy_summary, evaluate, load_prompts
+from dpolab.sampling import sequence_kl
 from dpolab.models import ModelError
-from dpolab.score import load_model_pair
+from dpolab.pair import load_model_pair
 from dpolab.stats import wilson_interval
 from tests.conftest import build_tokenizer, write_toy_pairs
 from tests.test_score import foreign_tokenizer_dir, hand_token_logps, load, other_model_dir  # noqa: F401 (fixtures)

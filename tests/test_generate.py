@@ -277,7 +277,7 @@ def test_training_sees_exactly_the_sampled_tokens(tiny_model_dir, tmp_path, chat
     decoding and re-tokenising the text would give other ids."""
     from dpolab.data import load_pairs
     from dpolab.data.sampled import NOTE_OTHER_TOKENIZER
-    from dpolab.generate import sample_ids
+    from dpolab.sampling import sample_ids
     from dpolab.models import load_model, load_tokenizer
 
     _generate(tiny_model_dir, tmp_path, chat=chat, max_new_tokens=6, temperature=2.0)

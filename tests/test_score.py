@@ -8,7 +8,9 @@ import torch
 from dpolab.cli import main
 from dpolab.data.files import DataError
 from dpolab.models import ModelError
-from dpolab.score import encode, load_model_pair, score
+from dpolab.data.tokenize import encode
+from dpolab.pair import load_model_pair
+from dpolab.score import score
 from tests.conftest import build_tiny_model, build_tokenizer
 
 BETA = 0.5
