@@ -18,17 +18,16 @@ Everything goes to `<output_dir>/eval.json` and a table on the terminal.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .config import EvalConfig, resolve
+from .config import EvalConfig, from_run, resolve
 from .data import load_pairs
 from .metrics import print_table
-from .models import cache_dir, load_tokenizer, trained_beta
+from .models import cache_dir, load_tokenizer, run_config
 from .pair import load_frozen, load_model_pair
 from .prompts import load_prompts, prompt_text, read_prompts  # noqa: F401 (load_prompts re-exported)
 from .rewards import reward_from_config
@@ -41,12 +40,13 @@ def evaluate(cfg: EvalConfig | None = None, **overrides) -> dict:
     """Run the evaluations the config asks for; returns (and writes) the eval.json content."""
     cfg = cfg or resolve(EvalConfig, **overrides)
     check(cfg)
-    cfg = dataclasses.replace(cfg, beta=trained_beta(cfg.model, cfg.beta))  # the run's beta unless given
+    cfg = from_run(cfg, run_config(cfg.model))  # beta and lengths: the run's unless given
     prompts = read_prompts(cfg.prompts, cfg.prompt_column, cfg.limit) if cfg.prompts else None
     pair = load_model_pair(cfg.model, cfg.ref_model, device=cfg.device, bf16=cfg.bf16,
                            trust_remote_code=cfg.trust_remote_code)
     start = time.perf_counter()
-    result = {"model": cfg.model, "reference": pair.names[1], "beta": cfg.beta}
+    result = {"model": cfg.model, "reference": pair.names[1], "beta": cfg.beta, "max_length": cfg.max_length,
+              "max_prompt_length": cfg.max_prompt_length}
     if cfg.data:
         result["preference"] = preference_eval(pair, cfg)
     if prompts is not None:

@@ -21,14 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from rich.console import Console
 from rich.progress import Progress
 
 from .data.collate import Layout, collate, collate_pairs, to_device
 from .logprobs import forward_logps, split_tokens
 from .models import (ModelError, bf16_default, load_model, load_tokenizer, pick_device, resolve_model_path,
-                     same_tokenizer)
+                     run_config, same_tokenizer)
 
 ADAPTER = "adapter"  # reference = the policy with its LoRA adapter disabled
 
@@ -40,11 +39,9 @@ def reference_path(model: str, ref_model: str = "") -> str:
     path = Path(resolve_model_path(model))
     if (path / "adapter_config.json").exists():
         return ADAPTER
-    run_config = path.parent / "config.yaml"
-    if run_config.exists():
-        recorded = yaml.safe_load(run_config.read_text()) or {}
-        if recorded.get("ref_model") or recorded.get("model"):
-            return recorded.get("ref_model") or recorded["model"]
+    recorded = run_config(model)
+    if recorded.get("ref_model") or recorded.get("model"):
+        return recorded.get("ref_model") or recorded["model"]
     raise ModelError(f"{model}: no reference model known: pass --ref-model "
                      "(automatic only for a LoRA adapter or a checkpoint inside a dpolab run)")
 
@@ -117,8 +114,8 @@ def load_model_pair(model: str, ref_model: str = "", *, device: str = "auto", bf
     """Load the policy and its reference; different tokenizers stop here with one clear line."""
     if bf16 not in ("auto", "true", "false"):
         raise ValueError("bf16 must be auto, true or false")
+    tokenizer = load_tokenizer(model, trust_remote_code)  # first: a model that cannot load says so before its reference
     ref = reference_path(model, ref_model)
-    tokenizer = load_tokenizer(model, trust_remote_code)
     same = ref != ADAPTER and Path(resolve_model_path(ref)).resolve() == Path(resolve_model_path(model)).resolve()
     if ref != ADAPTER and not same and not same_tokenizer(tokenizer, load_tokenizer(ref, trust_remote_code)):
         raise ModelError(f"model {model} and reference {ref} use different tokenizers: "

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import RankConfig, resolve
+from .config import RankConfig, from_run, resolve
 from .evaluate import judge_texts, load_eval_pairs, pair_rewards
 from .metrics import print_table
-from .models import load_tokenizer, pick_device, trained_beta
+from .models import load_tokenizer, pick_device, run_config
 from .pair import load_frozen, load_model_pair
 from .prompts import read_prompts
 from .rewards import reward_from_config
@@ -49,11 +49,11 @@ def rank(cfg: RankConfig | None = None, **overrides) -> dict:
         raise ValueError("rank on either --data PAIRS or --prompts PROMPTS (with --reward), not both or neither")
     if cfg.prompts and not cfg.reward:
         raise ValueError("ranking on prompts needs a judge: --reward")
-    betas = [trained_beta(m, cfg.beta) for m in models] if cfg.data else None  # --beta, else each run's own
-    scores, measure = pair_scores(models, cfg, betas) if cfg.data else prompt_scores(models, cfg)
+    runs = [from_run(cfg, run_config(m)) for m in models] if cfg.data else None  # each run's beta and lengths unless given
+    scores, measure = pair_scores(models, runs) if cfg.data else prompt_scores(models, cfg)
     result = ranking(scores, names, cfg.n_boot, cfg.seed, cfg.prior)
-    for m, beta in zip(result["models"], betas or []):
-        m["beta"] = beta
+    for m, run in zip(result["models"], runs or []):
+        m.update(beta=run.beta, max_length=run.max_length, max_prompt_length=run.max_prompt_length)
     result.update({"mode": "pairs" if cfg.data else "prompts", "source": cfg.data or cfg.prompts,
                    "measure": measure, "paths": models, "reward": cfg.reward or None})
     out = Path(cfg.output_dir)
@@ -80,22 +80,23 @@ def ranking(scores, names: list[str], n_boot: int = 1000, seed: int = 0, prior: 
 
 
 # ----------------------------------------------------------------------------- scores per model
-def pair_scores(models: list[str], cfg: RankConfig, betas: list[float]):
+def pair_scores(models: list[str], runs: list[RankConfig]):
     """(K, M) correctness of each model's implicit-reward ordering on the pairs all models kept.
 
-    Model i's implicit reward uses betas[i]: `--beta` if given, else the beta its run was trained
-    with (its config.yaml, as eval and score do), else 0.1. (A tie needs equal rewards, so the
-    beta changes which pairs count as ties only through rounding; it is recorded in rank.json.)"""
+    runs[i]: the config for model i, its beta and lengths `--beta` / `--max-length` if given, else
+    those its run was trained with (its config.yaml, as eval and score do; `config.from_run`).
+    (A tie needs equal rewards, so the beta changes which pairs count as ties only through
+    rounding; it is recorded in rank.json with the lengths.)"""
     per_model = []
-    for path, beta in zip(models, betas):
+    for path, cfg in zip(models, runs):
         pair = load_model_pair(path, cfg.ref_model, device=cfg.device, bf16=cfg.bf16, trust_remote_code=cfg.trust_remote_code)
         pairs = load_eval_pairs(cfg.data, pair.tokenizer, cfg)
-        chosen, rejected = pair_rewards(pair, pairs, beta, cfg.batch_size, cfg.packing)
+        chosen, rejected = pair_rewards(pair, pairs, cfg.beta, cfg.batch_size, cfg.packing)
         per_model.append(dict(zip([p.row for p in pairs], outcomes(chosen, rejected))))
         del pair
     rows = sorted(set.intersection(*(set(m) for m in per_model)))  # tokenizers may drop different rows
     if not rows:
-        raise ValueError(f"{cfg.data}: no pair is usable by every model")
+        raise ValueError(f"{runs[0].data}: no pair is usable by every model")
     return np.array([[m[r] for r in rows] for m in per_model]), "preference accuracy"
 
 

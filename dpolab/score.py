@@ -14,7 +14,6 @@ switched off), else the `model` recorded in the run's config.yaml next to a chec
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import itertools
 import json
@@ -24,12 +23,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .config import ScoreConfig, resolve
+from .config import ScoreConfig, from_run, resolve
 from .data.files import DataError, read_rows
 from .data.formats import normalise
 from .data.tokenize import encode  # noqa: F401 (re-exported: the prompt encoding lives with training's)
 from .data.unpaired import normalise_unpaired
-from .models import trained_beta
+from .models import run_config
 from .pair import ModelPair, load_model_pair
 
 
@@ -113,7 +112,7 @@ def rank_candidates(records: list[dict]) -> None:
 def score(cfg: ScoreConfig | None = None, **overrides) -> list[dict]:
     """Score every candidate response; returns the records written to scores.jsonl."""
     cfg = cfg or resolve(ScoreConfig, **overrides)
-    cfg = dataclasses.replace(cfg, beta=trained_beta(cfg.model, cfg.beta))  # the run's beta unless given
+    cfg = from_run(cfg, run_config(cfg.model))  # beta and lengths: the run's unless given
     if not cfg.data:
         raise ValueError("nothing to score: pass --data FILE")
     rows = load_candidates(cfg.data, cfg.prompt_column, cfg.response_column, cfg.limit)

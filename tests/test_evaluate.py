@@ -66,6 +66,48 @@ def test_trained_policy_beats_its_untrained_reference(toy, tiny_model_dir, tmp_p
     assert untrained["ci"] == pytest.approx(list(wilson_interval(20, 40)))
 
 
+def test_eval_takes_the_runs_lengths_and_beta_unless_given(toy, tmp_path):
+    """A run trained with max_length 10 (prompt 4) and beta 0.3 is evaluated on pairs cut as its
+    training cut them, with its beta: the same result as passing those flags; a flag given wins."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "short-run"
+    shutil.copytree(toy["run"] / "final", run / "final")
+    recorded = yaml.safe_load((toy["run"] / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**recorded, "beta": 0.3, "max_length": 10, "max_prompt_length": 4}))
+    common = dict(model=str(run), data=str(toy["heldout"]), limit=12)
+    own = evaluate(**common, output_dir=str(tmp_path / "own"))
+    assert (own["beta"], own["max_length"], own["max_prompt_length"]) == (0.3, 10, 4)
+    flags = evaluate(**common, beta=0.3, max_length=10, max_prompt_length=4, output_dir=str(tmp_path / "flags"))
+    assert flags["preference"] == own["preference"]
+    given = evaluate(**common, max_length=256, output_dir=str(tmp_path / "given"))
+    assert (given["beta"], given["max_length"], given["max_prompt_length"]) == (0.3, 256, 128)
+    assert given["preference"]["mean_margin"] != pytest.approx(own["preference"]["mean_margin"])  # pairs cut otherwise
+
+
+@pytest.mark.parametrize("command", ["eval", "score", "rank"])
+def test_a_model_that_cannot_load_says_so_before_its_reference(command, tmp_path, monkeypatch):
+    """A hub id with no network and no --ref-model: the user sees why the model does not load,
+    not that its reference is unknown (which follows from the first)."""
+    import huggingface_hub
+
+    from dpolab.rank import rank
+    from dpolab.score import score
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    data = write_toy_pairs(tmp_path / "pairs.jsonl", 2)
+    run = {"eval": lambda: evaluate(model="someone/some-model", data=str(data), output_dir=str(tmp_path / "out")),
+           "score": lambda: score(model="someone/some-model", data=str(data), output_dir=str(tmp_path / "out")),
+           "rank": lambda: rank(models="someone/some-model,someone/other", data=str(data), output_dir=str(tmp_path / "out"))}
+    with pytest.raises(ModelError) as error:
+        run[command]()
+    message = str(error.value)
+    assert message.startswith("someone/some-model: not a local folder") and "reference" not in message
+    assert "\n" not in message and not (tmp_path / "out").exists()
+
+
 def test_accuracy_matches_hand_computed_rewards(tiny_model_dir, other_model_dir, tmp_path):
     data = write_toy_pairs(tmp_path / "pairs.jsonl", 12, seed=5)
     beta = 0.3
