@@ -120,6 +120,8 @@ class Scoring(Packing):
     """Forward passes of eval, score and rank."""
 
     batch_size: int = opt(8, "Sequences per forward pass / prompts per generation batch.")
+    progress: bool = opt(True, "Show the progress of forward passes and sampling (a live bar on a terminal; "
+                               "elsewhere a plain line every 10 s).")
 
     def __post_init__(self):
         # eval / score / rank hand max_prompt_length to the tokeniser as a number: 0 (= half) is made one here

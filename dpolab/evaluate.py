@@ -26,7 +26,7 @@ import numpy as np
 
 from .config import EvalConfig, from_run, resolve
 from .data import load_pairs
-from .metrics import print_table
+from .metrics import ItemProgress, print_table
 from .models import cache_dir, load_tokenizer, run_config
 from .pair import load_frozen, load_model_pair
 from .prompts import load_prompts, prompt_text, read_prompts  # noqa: F401 (load_prompts re-exported)
@@ -71,9 +71,10 @@ def check(cfg: EvalConfig) -> None:
 
 
 # ----------------------------------------------------------------------------- preference accuracy
-def pair_rewards(pair, pairs, beta: float, batch_size: int, packing: bool = True):
-    """Implicit rewards of TokenizedPairs: (chosen_rewards (B,), rejected_rewards (B,)) float64 numpy."""
-    policy_token_logps, reference_token_logps = pair.pair_token_logps(pairs, batch_size, packing)
+def pair_rewards(pair, pairs, beta: float, batch_size: int, packing: bool = True, label: str = ""):
+    """Implicit rewards of TokenizedPairs: (chosen_rewards (B,), rejected_rewards (B,)) float64 numpy.
+    `label`: show the forward passes' progress under this name ("" = none)."""
+    policy_token_logps, reference_token_logps = pair.pair_token_logps(pairs, batch_size, packing, label)
     policy_logps = np.array([float(t.double().sum()) for t in policy_token_logps])
     reference_logps = np.array([float(t.double().sum()) for t in reference_token_logps])
     rewards = beta * (policy_logps - reference_logps)
@@ -109,7 +110,7 @@ def preference_eval(pair, cfg: EvalConfig) -> dict:
     if is_unpaired_source(cfg.data):  # KTO data: label accuracy instead of pair accuracy
         return unpaired_eval(pair, cfg)
     pairs = load_eval_pairs(cfg.data, pair.tokenizer, cfg)
-    chosen_rewards, rejected_rewards = pair_rewards(pair, pairs, cfg.beta, cfg.batch_size, cfg.packing)
+    chosen_rewards, rejected_rewards = pair_rewards(pair, pairs, cfg.beta, cfg.batch_size, cfg.packing, progress_label(cfg, "eval"))
     return {"data": cfg.data, **accuracy_summary(chosen_rewards, rejected_rewards, cfg.ci, cfg.n_boot, cfg.seed)}
 
 
@@ -134,24 +135,37 @@ def generation_eval(pair, prompts: list, cfg: EvalConfig) -> dict:
     reward_fn = reward_from_config(cfg)
     texts = judge_texts(prompts, cfg.num_samples)
     autocast = autocast_factory(pair.device, pair.bf16)
-    policy = draw(pair.policy, pair.tokenizer, prompts, **settings(cfg), autocast=autocast)
+    with sampling_progress(cfg, "eval samples (policy)", len(prompts)) as bar:
+        policy = draw(pair.policy, pair.tokenizer, prompts, **settings(cfg), autocast=autocast, on_batch=bar.advance)
     policy_rewards = [float(r) for r in reward_fn(texts, policy.texts)]
     mean, se = mean_se(policy_rewards)
     out = {"prompts": len(prompts), "num_samples": cfg.num_samples, "reward_fn": cfg.reward,
            "sampling": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed},
            "policy_reward": {"mean": mean, "se": se},
-           "kl": sequence_kl(pair, policy.prompt_ids, policy.completion_ids, cfg.batch_size, cfg.packing)}
+           "kl": sequence_kl(pair, policy.prompt_ids, policy.completion_ids, cfg.batch_size, cfg.packing,
+                             progress_label(cfg, "eval KL"))}
     shown = [i * cfg.num_samples for i in range(min(5, len(prompts)))]  # the first sample of 5 prompts
     examples = [{"prompt": texts[i], "policy": policy.texts[i], "policy_reward": policy_rewards[i]} for i in shown]
     if cfg.baseline != "none":
-        with baseline_model(pair, cfg.baseline, cfg) as (model, tokenizer):
-            baseline = draw(model, tokenizer, prompts, **settings(cfg), autocast=autocast)
+        with baseline_model(pair, cfg.baseline, cfg) as (model, tokenizer), \
+                sampling_progress(cfg, "eval samples (baseline)", len(prompts)) as bar:
+            baseline = draw(model, tokenizer, prompts, **settings(cfg), autocast=autocast, on_batch=bar.advance)
         baseline_rewards = [float(r) for r in reward_fn(texts, baseline.texts)]
         out.update(compare(policy_rewards, baseline_rewards, cfg))
         for e, i in zip(examples, shown):
             e.update({"baseline": baseline.texts[i], "baseline_reward": baseline_rewards[i]})
     out["examples"] = examples
     return out
+
+
+def progress_label(cfg, label: str) -> str:
+    """`label` when the command shows progress (`--progress`), else "" (the forward passes stay quiet)."""
+    return label if cfg.progress else ""
+
+
+def sampling_progress(cfg, label: str, prompts: int) -> ItemProgress:
+    """Progress of sampling `cfg.num_samples` completions of `prompts` prompts (eval, rank)."""
+    return ItemProgress(label, prompts * cfg.num_samples, "samples", cfg.progress)
 
 
 def compare(policy_rewards: list[float], baseline_rewards: list[float], cfg: EvalConfig) -> dict:

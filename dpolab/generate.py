@@ -33,12 +33,13 @@ from pathlib import Path
 
 from .config import PAIR_STRATEGIES as STRATEGIES, GenerateConfig, resolve
 from .data.sampled import fingerprint, row_fields
+from .metrics import ItemProgress
 from .models import bf16_default, load_model, load_tokenizer, pick_device
 from .prompts import BUILTIN_PROMPTS, encode_prompt, prompt_text, read_prompts, review_prefix  # noqa: F401 (re-exported)
 from .rewards import reward_from_config as _reward_from_config
 # the sampler lives in sampling.py; `dpolab.generate.sample` is the documented entry point, so re-exported
-from .sampling import (STOP_TOKENS, GumbelSampler, SampleProgress, autocast_factory, check_sampling, draw,  # noqa: F401
-                       row_seed, sample, sample_ids, stop_token_ids, top_p_filter)
+from .sampling import (STOP_TOKENS, GumbelSampler, autocast_factory, check_sampling, draw, row_seed, sample,  # noqa: F401
+                       sample_ids, stop_token_ids, top_p_filter)
 
 
 # ----------------------------------------------------------------------------- pairs and label noise
@@ -135,7 +136,7 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> dict:
         model = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code).to(device).eval()
         use_bf16 = cfg.bf16 == "true" or (cfg.bf16 == "auto" and bf16_default(device))
         autocast = autocast_factory(device, use_bf16)
-        with SampleProgress(len(todo) * cfg.num_samples, cfg.progress) as bar:
+        with ItemProgress("generate", len(todo) * cfg.num_samples, "samples", cfg.progress, transient=False) as bar:
             for start in range(0, len(todo), max(1, cfg.batch_size // cfg.num_samples)):
                 chunk = todo[start : start + max(1, cfg.batch_size // cfg.num_samples)]
                 write_chunk(model, tokenizer, prompts, chunk, reward_fn, cfg, out, totals, autocast, bar.advance)

@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.progress import Progress
 
 from .data.collate import Layout, collate, collate_pairs, to_device
 from .logprobs import forward_logps, split_tokens
+from .metrics import ItemProgress
 from .models import (ModelError, bf16_default, load_model, load_tokenizer, pick_device, resolve_model_path,
                      run_config, same_tokenizer)
 
@@ -75,24 +74,28 @@ class ModelPair:
         else:
             yield self.reference
 
-    def token_logps(self, items, batch_size: int, packing: bool = True):
+    def token_logps(self, items, batch_size: int, packing: bool = True, label: str = ""):
         """items [(prompt_ids, completion_ids)] -> (policy per-token logps, reference per-token logps),
-        each a list of (len_i,) fp32 CPU tensors."""
-        with self.reference_model() as reference:
-            reference_token_logps = batched_token_logps(reference, items, self, batch_size, packing)
-        if self.reference is self.policy:  # one model asked to be its own reference: rewards are 0
-            return reference_token_logps, reference_token_logps
-        policy_token_logps = batched_token_logps(self.policy, items, self, batch_size, packing)
-        return policy_token_logps, reference_token_logps
+        each a list of (len_i,) fp32 CPU tensors. `label`: show progress under this name ("" = none)."""
+        run = lambda model, advance: batched_token_logps(model, items, self, batch_size, packing, advance)  # noqa: E731
+        return self._both(run, len(items), label, "sequences")
 
-    def pair_token_logps(self, pairs, batch_size: int, packing: bool = True):
+    def pair_token_logps(self, pairs, batch_size: int, packing: bool = True, label: str = ""):
         """TokenizedPairs -> (policy, reference) per-token logps of [every chosen..., every rejected...],
         the training fast path: each prompt computed once for both completions (prefix sharing)."""
-        with self.reference_model() as reference:
-            reference_token_logps = batched_pair_token_logps(reference, pairs, self, batch_size, packing)
-        if self.reference is self.policy:
+        run = lambda model, advance: batched_pair_token_logps(model, pairs, self, batch_size, packing, advance)  # noqa: E731
+        return self._both(run, len(pairs), label, "pairs")
+
+    def _both(self, run, total: int, label: str, unit: str):
+        """`run(model, advance)` on the reference, then on the policy (once when they are one model)."""
+        one = self.reference is self.policy  # one model asked to be its own reference: rewards are 0
+        with self.reference_model() as reference, \
+                ItemProgress(label if one else f"{label} (reference)", total, unit, bool(label)) as bar:
+            reference_token_logps = run(reference, bar.advance)
+        if one:
             return reference_token_logps, reference_token_logps
-        return batched_pair_token_logps(self.policy, pairs, self, batch_size, packing), reference_token_logps
+        with ItemProgress(f"{label} (policy)", total, unit, bool(label)) as bar:
+            return run(self.policy, bar.advance), reference_token_logps
 
 
 def load_frozen(name: str, device, trust_remote_code: bool = False):
@@ -130,13 +133,12 @@ def load_model_pair(model: str, ref_model: str = "", *, device: str = "auto", bf
     return ModelPair(policy, reference, tokenizer, dev, use_bf16, (model, ref))
 
 
-def batched_token_logps(model, items, pair: ModelPair, batch_size: int, packing: bool = True) -> list:
-    """Per-token completion log-probs of every (prompt_ids, completion_ids) item, batch by batch."""
+def batched_token_logps(model, items, pair: ModelPair, batch_size: int, packing: bool = True, on_batch=None) -> list:
+    """Per-token completion log-probs of every (prompt_ids, completion_ids) item, batch by batch;
+    `on_batch(n)` after each batch of n items."""
     out = []
     pad_id = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else 0
-    # a transient bar on a terminal only: long evaluations show progress, logs and tests stay clean
-    with torch.inference_mode(), Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("log-probs", total=len(items))
+    with torch.inference_mode():
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             batch = collate([p for p, _ in chunk], [c for _, c in chunk], pad_id, packing)
@@ -144,13 +146,15 @@ def batched_token_logps(model, items, pair: ModelPair, batch_size: int, packing:
             with pair.autocast():
                 token_logps = forward_logps(model, batch)
             out += [t.float().cpu() for t in split_tokens(token_logps, batch)]
-            bar.advance(task, len(chunk))
+            if on_batch:
+                on_batch(len(chunk))
     return out
 
 
-def batched_pair_token_logps(model, pairs, pair: ModelPair, batch_size: int, packing: bool = True) -> list:
+def batched_pair_token_logps(model, pairs, pair: ModelPair, batch_size: int, packing: bool = True, on_batch=None) -> list:
     """Per-token log-probs of every chosen then every rejected completion, `batch_size // 2` pairs
-    (batch_size sequences) per forward: packed, prefix-shared, segment attention, as in training."""
+    (batch_size sequences) per forward: packed, prefix-shared, segment attention, as in training;
+    `on_batch(n)` after each batch of n pairs."""
     layout = Layout(packing=True, prefix_sharing=True, segment_attention=True) if packing else Layout(packing=False)
     pad_id = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else 0
     step = max(1, batch_size // 2)
@@ -163,4 +167,6 @@ def batched_pair_token_logps(model, pairs, pair: ModelPair, batch_size: int, pac
                 tokens = [t.float().cpu() for t in split_tokens(forward_logps(model, batch), batch)]
             chosen += tokens[: len(chunk)]
             rejected += tokens[len(chunk):]
+            if on_batch:
+                on_batch(len(chunk))
     return chosen + rejected

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import RankConfig, from_run, resolve
-from .evaluate import judge_texts, load_eval_pairs, pair_rewards
+from .evaluate import judge_texts, load_eval_pairs, pair_rewards, progress_label, sampling_progress
 from .metrics import print_table
 from .models import load_tokenizer, pick_device, run_config
 from .pair import load_frozen, load_model_pair
@@ -50,7 +50,7 @@ def rank(cfg: RankConfig | None = None, **overrides) -> dict:
     if cfg.prompts and not cfg.reward:
         raise ValueError("ranking on prompts needs a judge: --reward")
     runs = [from_run(cfg, run_config(m)) for m in models] if cfg.data else None  # each run's beta and lengths unless given
-    scores, measure = pair_scores(models, runs) if cfg.data else prompt_scores(models, cfg)
+    scores, measure = pair_scores(models, runs, names) if cfg.data else prompt_scores(models, cfg, names)
     result = ranking(scores, names, cfg.n_boot, cfg.seed, cfg.prior)
     for m, run in zip(result["models"], runs or []):
         m.update(beta=run.beta, max_length=run.max_length, max_prompt_length=run.max_prompt_length)
@@ -80,7 +80,7 @@ def ranking(scores, names: list[str], n_boot: int = 1000, seed: int = 0, prior: 
 
 
 # ----------------------------------------------------------------------------- scores per model
-def pair_scores(models: list[str], runs: list[RankConfig]):
+def pair_scores(models: list[str], runs: list[RankConfig], names: list[str]):
     """(K, M) correctness of each model's implicit-reward ordering on the pairs all models kept.
 
     runs[i]: the config for model i, its beta and lengths `--beta` / `--max-length` if given, else
@@ -88,10 +88,10 @@ def pair_scores(models: list[str], runs: list[RankConfig]):
     (A tie needs equal rewards, so the beta changes which pairs count as ties only through
     rounding; it is recorded in rank.json with the lengths.)"""
     per_model = []
-    for path, cfg in zip(models, runs):
+    for path, cfg, name in zip(models, runs, names):
         pair = load_model_pair(path, cfg.ref_model, device=cfg.device, bf16=cfg.bf16, trust_remote_code=cfg.trust_remote_code)
         pairs = load_eval_pairs(cfg.data, pair.tokenizer, cfg)
-        chosen, rejected = pair_rewards(pair, pairs, cfg.beta, cfg.batch_size, cfg.packing)
+        chosen, rejected = pair_rewards(pair, pairs, cfg.beta, cfg.batch_size, cfg.packing, progress_label(cfg, f"rank {name}"))
         per_model.append(dict(zip([p.row for p in pairs], outcomes(chosen, rejected))))
         del pair
     rows = sorted(set.intersection(*(set(m) for m in per_model)))  # tokenizers may drop different rows
@@ -100,17 +100,19 @@ def pair_scores(models: list[str], runs: list[RankConfig]):
     return np.array([[m[r] for r in rows] for m in per_model]), "preference accuracy"
 
 
-def prompt_scores(models: list[str], cfg: RankConfig):
+def prompt_scores(models: list[str], cfg: RankConfig, names: list[str]):
     """(K, prompts x num_samples) judge rewards of each model's samples, same seed for all."""
     prompts = read_prompts(cfg.prompts, cfg.prompt_column, cfg.limit)
     judge = reward_from_config(cfg)
     texts = judge_texts(prompts, cfg.num_samples)
     device = pick_device(cfg.device)
     scores = []
-    for path in models:
+    for path, name in zip(models, names):
         tokenizer = load_tokenizer(path, cfg.trust_remote_code)
         model = load_frozen(path, device, cfg.trust_remote_code)
-        scores.append([float(r) for r in judge(texts, draw(model, tokenizer, prompts, **settings(cfg)).texts)])
+        with sampling_progress(cfg, f"rank {name} samples", len(prompts)) as bar:
+            drawn = draw(model, tokenizer, prompts, **settings(cfg), on_batch=bar.advance)
+        scores.append([float(r) for r in judge(texts, drawn.texts)])
         del model
     return np.array(scores), f"mean reward ({cfg.reward})"
 

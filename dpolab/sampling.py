@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import GenerationConfig, LogitsProcessorList
 
 from .prompts import encode_prompt
@@ -190,44 +187,16 @@ def autocast_factory(device, bf16: bool):
 
 
 def sequence_kl(pair, prompt_ids: list[list[int]], completion_ids: list[list[int]], batch_size: int = 8,
-                packing: bool = True) -> dict:
+                packing: bool = True, label: str = "") -> dict:
     """KL(pi || pi_ref) estimate from samples y ~ pi: mean and SE of log pi(y|x) - log pi_ref(y|x).
 
     `pair`: a `pair.ModelPair`. The log-probs are of the sampled token ids themselves (no
-    re-tokenisation); an empty sample contributes 0.
+    re-tokenisation); an empty sample contributes 0. `label`: show progress under this name.
     """
     kept = [(p, c) for p, c in zip(prompt_ids, completion_ids) if c]
-    policy_token_logps, reference_token_logps = pair.token_logps(kept, batch_size, packing)
+    policy_token_logps, reference_token_logps = pair.token_logps(kept, batch_size, packing, label)
     empty = len(completion_ids) - len(kept)
     policy_logps = [float(t.double().sum()) for t in policy_token_logps] + [0.0] * empty
     reference_logps = [float(t.double().sum()) for t in reference_token_logps] + [0.0] * empty
     mean, se = kl_estimate(policy_logps, reference_logps)
     return {"mean": mean, "se": se, "n": len(completion_ids), "empty_samples": empty}
-
-
-class SampleProgress:
-    """A rich progress bar counting sampled sequences, with samples/s (or nothing when disabled)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.start, self.done = total, enabled, time.perf_counter(), 0
-        self.bar = None
-
-    def __enter__(self):
-        if self.enabled:
-            self.bar = Progress(TextColumn("[bold]samples"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
-                                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[rate]}"),
-                                console=Console(stderr=True))
-            self.task = self.bar.add_task("generate", total=self.total, rate="")
-            self.bar.start()
-        return self
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-            self.bar.update(self.task, advance=n, rate=f"{rate:.2f} samples/s")
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-        return False

@@ -73,7 +73,8 @@ def _candidate_row(source, n, raw, prompt_column, response_column):
 
 # ----------------------------------------------------------------------------- scoring
 def implicit_rewards(pair: ModelPair, prompts: list, responses: list[str], beta: float, *, batch_size: int = 8,
-                     max_length: int = 1024, max_prompt_length: int = 512, packing: bool = True) -> list[dict | None]:
+                     max_length: int = 1024, max_prompt_length: int = 512, packing: bool = True,
+                     label: str = "") -> list[dict | None]:
     """One record per (prompt, response): reward, length-normalised reward, per-token rewards.
 
     Record: policy_logps, reference_logps (summed over the response tokens), reward =
@@ -82,7 +83,7 @@ def implicit_rewards(pair: ModelPair, prompts: list, responses: list[str], beta:
     """
     encoded = [encode(p, r, pair.tokenizer, max_length, max_prompt_length) for p, r in zip(prompts, responses)]
     kept = [e for e in encoded if e is not None]
-    policy_token_logps, reference_token_logps = pair.token_logps(kept, batch_size, packing)
+    policy_token_logps, reference_token_logps = pair.token_logps(kept, batch_size, packing, label)
     results, k = [], 0
     for e in encoded:
         if e is None:
@@ -120,7 +121,8 @@ def score(cfg: ScoreConfig | None = None, **overrides) -> list[dict]:
                            trust_remote_code=cfg.trust_remote_code)
     flat = [(n, i, prompt, resp) for n, prompt, cands in rows for i, resp in enumerate(cands)]
     scored = implicit_rewards(pair, [f[2] for f in flat], [f[3] for f in flat], cfg.beta, batch_size=cfg.batch_size,
-                              max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, packing=cfg.packing)
+                              max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, packing=cfg.packing,
+                              label="score" if cfg.progress else "")
     records = []
     for (n, i, prompt, resp), s in zip(flat, scored):
         if s is not None:

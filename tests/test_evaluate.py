@@ -108,6 +108,23 @@ def test_a_model_that_cannot_load_says_so_before_its_reference(command, tmp_path
     assert "\n" not in message and not (tmp_path / "out").exists()
 
 
+def test_eval_and_rank_print_progress_lines_off_a_terminal(toy, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """In a log file (no terminal) the forward passes report plain lines; --progress false silences them."""
+    import dpolab.metrics
+    from dpolab.rank import rank
+
+    monkeypatch.setattr(dpolab.metrics, "PLAIN_EVERY", 0.0)  # a line per batch instead of every 10 s
+    evaluate(model=str(toy["final"]), data=str(toy["heldout"]), limit=8, batch_size=4, output_dir=str(tmp_path / "e"))
+    err = capsys.readouterr().err
+    assert "eval (reference): 2/8 pairs, " in err and "eval (policy): 8/8 pairs, " in err and " pairs/s" in err
+    rank(models=f"{tiny_model_dir},{toy['final']}", names="base,dpo", ref_model=str(tiny_model_dir), data=str(toy["heldout"]),
+         limit=4, batch_size=4, n_boot=10, output_dir=str(tmp_path / "r"))
+    err = capsys.readouterr().err
+    assert "rank base: 2/4 pairs" in err and "rank dpo (policy): 4/4 pairs" in err  # base is its own reference: one pass
+    evaluate(model=str(toy["final"]), data=str(toy["heldout"]), limit=8, progress=False, output_dir=str(tmp_path / "q"))
+    assert "pairs/s" not in capsys.readouterr().err
+
+
 def test_accuracy_matches_hand_computed_rewards(tiny_model_dir, other_model_dir, tmp_path):
     data = write_toy_pairs(tmp_path / "pairs.jsonl", 12, seed=5)
     beta = 0.3

@@ -24,9 +24,10 @@ from pathlib import Path
 
 from ..evaluate import accuracy_summary, pair_rewards
 from ..generate import as_messages, as_reply, make_pairs
+from ..metrics import ItemProgress
 from ..pair import ModelPair, load_reference  # noqa: F401 (load_reference: the experiment loads its reference here)
 from ..prompts import prompt_text
-from ..sampling import SampleProgress, draw as draw_samples, sequence_kl as samples_kl
+from ..sampling import draw as draw_samples, sequence_kl as samples_kl
 from ..stats import mean_se, win_rate
 
 
@@ -36,7 +37,7 @@ def draw(model, ref: ModelPair, prompts: list, n: int, cfg, reward_fn) -> dict:
     Returns {"samples": [[str]], "rewards": [[float]], "ids": [[(prompt_ids, completion_ids)]]}:
     the ids are exactly the sampled tokens (stop token excluded), for the KL estimate.
     """
-    with SampleProgress(len(prompts) * n, cfg.progress) as bar:
+    with ItemProgress("samples", len(prompts) * n, "samples", cfg.progress, transient=False) as bar:
         drawn = draw_samples(model, ref.tokenizer, prompts, num_samples=n, max_new_tokens=cfg.max_new_tokens,
                              temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed + 1,
                              batch_size=cfg.gen_batch_size, chat=cfg.chat, on_batch=bar.advance)
