@@ -26,7 +26,7 @@ import numpy as np
 
 from .config import EvalConfig, from_run, resolve
 from .data import load_pairs
-from .metrics import ItemProgress, print_table
+from .metrics import ItemProgress, counted, print_table
 from .models import cache_dir, load_tokenizer, run_config
 from .pair import load_frozen, load_model_pair
 from .prompts import load_prompts, prompt_text, read_prompts  # noqa: F401 (load_prompts re-exported)
@@ -165,7 +165,7 @@ def progress_label(cfg, label: str) -> str:
 
 def sampling_progress(cfg, label: str, prompts: int) -> ItemProgress:
     """Progress of sampling `cfg.num_samples` completions of `prompts` prompts (eval, rank)."""
-    return ItemProgress(label, prompts * cfg.num_samples, "samples", cfg.progress)
+    return ItemProgress(label, prompts * cfg.num_samples, "sample", cfg.progress)
 
 
 def compare(policy_rewards: list[float], baseline_rewards: list[float], cfg: EvalConfig) -> dict:
@@ -186,7 +186,7 @@ def result_rows(result: dict) -> list[tuple[str, str]]:
         rows += label_rows(pref)
     elif pref:
         rows += [
-            ("pairs", f"{pref['n']}  ({pref['correct']} right, {pref['ties']} ties, {pref['wrong']} wrong)"),
+            ("pairs", f"{pref['n']}  ({pref['correct']} right, {counted(pref['ties'], 'tie')}, {pref['wrong']} wrong)"),
             ("preference accuracy", f"{pref['accuracy']:.3f}  [{pref['ci'][0]:.3f}, {pref['ci'][1]:.3f}] 95% {pref['ci_method']}"),
             ("mean reward margin", f"{pref['mean_margin']:+.4f} +/- {pref['margin_se']:.4f} (SE)"),
             ("mean chosen / rejected reward", f"{pref['mean_chosen_reward']:+.4f} / {pref['mean_rejected_reward']:+.4f}"),

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .config import PAIR_STRATEGIES as STRATEGIES, GenerateConfig, resolve
 from .data.sampled import fingerprint, row_fields
-from .metrics import ItemProgress
+from .metrics import ItemProgress, counted
 from .models import bf16_default, load_model, load_tokenizer, pick_device
 from .prompts import BUILTIN_PROMPTS, encode_prompt, prompt_text, read_prompts, review_prefix  # noqa: F401 (re-exported)
 from .rewards import reward_from_config as _reward_from_config
@@ -136,14 +136,14 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> dict:
         model = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code).to(device).eval()
         use_bf16 = cfg.bf16 == "true" or (cfg.bf16 == "auto" and bf16_default(device))
         autocast = autocast_factory(device, use_bf16)
-        with ItemProgress("generate", len(todo) * cfg.num_samples, "samples", cfg.progress, transient=False) as bar:
+        with ItemProgress("generate", len(todo) * cfg.num_samples, "sample", cfg.progress, transient=False) as bar:
             for start in range(0, len(todo), max(1, cfg.batch_size // cfg.num_samples)):
                 chunk = todo[start : start + max(1, cfg.batch_size // cfg.num_samples)]
                 write_chunk(model, tokenizer, prompts, chunk, reward_fn, cfg, out, totals, autocast, bar.advance)
     totals["output"] = str(out)
-    print(f"dpolab generate: {totals['pairs']} pairs from {len(todo)} prompts -> {out} "
-          f"({totals['ties']} ties and {totals['below_gap']} below min_gap dropped, {totals['flipped']} labels flipped, "
-          f"{totals['skipped']} prompts already done)")
+    print(f"dpolab generate: {counted(totals['pairs'], 'pair')} from {counted(len(todo), 'prompt')} -> {out} "
+          f"({counted(totals['ties'], 'tie')} and {totals['below_gap']} below min_gap dropped, "
+          f"{counted(totals['flipped'], 'label')} flipped, {counted(totals['skipped'], 'prompt')} already done)")
     return totals
 
 

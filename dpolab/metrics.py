@@ -93,6 +93,11 @@ class MetricsLogger:
         return table
 
 
+def counted(n: int, noun: str, plural: str = "") -> str:
+    """`1 pair`, `2 pairs`, `0 pairs`: a count with its noun in the right number."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def live_bar(console: Console, label: str, total: int, completed: int = 0, transient: bool = False):
     """The live bar every long pass draws on a terminal (started): `label n/total bar elapsed eta info`.
     Returns (rich Progress, task id); `info` is the task field for a rate or metrics."""
@@ -111,9 +116,10 @@ class ItemProgress:
     """Progress of a long pass over items (the log-probs of eval, score and rank; sampling): train's
     live bar on a terminal; elsewhere (a log file, a cluster job) a plain line
     `eval: 64/311 pairs, 12.3 pairs/s, eta 0:00:21` every PLAIN_EVERY seconds, and a last one when
-    a pass that printed any ends. Nothing when not `enabled`. `advance(n)` after each batch."""
+    a pass that printed any ends. Nothing when not `enabled`. `advance(n)` after each batch.
+    `unit`: what is counted, singular (`pair`, `sample`)."""
 
-    def __init__(self, label: str, total: int, unit: str = "pairs", enabled: bool = True, transient: bool = True):
+    def __init__(self, label: str, total: int, unit: str = "pair", enabled: bool = True, transient: bool = True):
         self.label, self.total, self.unit, self.enabled, self.transient = label, total, unit, enabled, transient
         self.done, self.lines, self.bar = 0, 0, None
 
@@ -127,7 +133,7 @@ class ItemProgress:
     def advance(self, n: int) -> None:
         self.done += n
         if self.bar is not None:
-            self.bar.update(self.task, advance=n, info=f"{self.rate():.2f} {self.unit}/s")
+            self.bar.update(self.task, advance=n, info=f"{self.rate():.2f} {self.unit}s/s")
         elif self.enabled and time.monotonic() - self.last >= PLAIN_EVERY:
             self._line()
 
@@ -136,7 +142,7 @@ class ItemProgress:
 
     def plain_line(self) -> str:
         rate = self.rate()
-        line = f"{self.label}: {self.done}/{self.total} {self.unit}, {rate:.3g} {self.unit}/s"
+        line = f"{self.label}: {self.done}/{counted(self.total, self.unit)}, {rate:.3g} {self.unit}s/s"
         return line + (f", eta {_clock((self.total - self.done) / rate)}" if 0 < self.done < self.total else "")
 
     def _line(self) -> None:

@@ -31,6 +31,7 @@ import yaml
 from datasets import Dataset
 
 from .config import ModelOptions, Optimizer, Options, Progress, Runtime, Sampling, like, opt
+from .metrics import counted
 from .models import load_model, load_tokenizer
 from .prompts import prompt_text
 
@@ -96,7 +97,7 @@ def check(cfg: OnlineConfig, prompts: list) -> None:
         (cfg.num_samples >= 2, "num_samples must be >= 2 (the leave-one-out baseline needs another sample)"),
         (cfg.temperature > 0, "temperature must be > 0 (RLOO samples from the policy)"),
         (cfg.steps >= 1 and cfg.prompts_per_step >= 1, "steps and prompts_per_step must be >= 1"),
-        (len(prompts) >= cfg.prompts_per_step, f"{len(prompts)} prompts, fewer than prompts_per_step {cfg.prompts_per_step}"),
+        (len(prompts) >= cfg.prompts_per_step, f"{counted(len(prompts), 'prompt')}, fewer than prompts_per_step {cfg.prompts_per_step}"),
     ]
     for ok, message in checks:
         if not ok:

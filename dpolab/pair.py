@@ -78,13 +78,13 @@ class ModelPair:
         """items [(prompt_ids, completion_ids)] -> (policy per-token logps, reference per-token logps),
         each a list of (len_i,) fp32 CPU tensors. `label`: show progress under this name ("" = none)."""
         run = lambda model, advance: batched_token_logps(model, items, self, batch_size, packing, advance)  # noqa: E731
-        return self._both(run, len(items), label, "sequences")
+        return self._both(run, len(items), label, "sequence")
 
     def pair_token_logps(self, pairs, batch_size: int, packing: bool = True, label: str = ""):
         """TokenizedPairs -> (policy, reference) per-token logps of [every chosen..., every rejected...],
         the training fast path: each prompt computed once for both completions (prefix sharing)."""
         run = lambda model, advance: batched_pair_token_logps(model, pairs, self, batch_size, packing, advance)  # noqa: E731
-        return self._both(run, len(pairs), label, "pairs")
+        return self._both(run, len(pairs), label, "pair")
 
     def _both(self, run, total: int, label: str, unit: str):
         """`run(model, advance)` on the reference, then on the policy (once when they are one model)."""

@@ -28,6 +28,7 @@ from .data.files import DataError, read_rows
 from .data.formats import normalise
 from .data.tokenize import encode  # noqa: F401 (re-exported: the prompt encoding lives with training's)
 from .data.unpaired import normalise_unpaired
+from .metrics import counted
 from .models import run_config
 from .pair import ModelPair, load_model_pair
 
@@ -184,7 +185,8 @@ def print_scores(records: list[dict], cfg: ScoreConfig) -> None:
                 text.append(tok, style="black on rgb({},{},{})".format(*shade(v, scale)))
             console.print(text)
     extra = " (+ tokens.jsonl, tokens.html: open it in a browser)" if cfg.per_token else ""
-    console.print(f"{len(records)} responses of {len({r['row'] for r in records})} prompts -> {cfg.output_dir}/scores.jsonl{extra}")
+    console.print(f"{counted(len(records), 'response')} of {counted(len({r['row'] for r in records}), 'prompt')} "
+                  f"-> {cfg.output_dir}/scores.jsonl{extra}")
 
 
 ATTRIBUTION_CSS = """

@@ -37,7 +37,7 @@ def draw(model, ref: ModelPair, prompts: list, n: int, cfg, reward_fn) -> dict:
     Returns {"samples": [[str]], "rewards": [[float]], "ids": [[(prompt_ids, completion_ids)]]}:
     the ids are exactly the sampled tokens (stop token excluded), for the KL estimate.
     """
-    with ItemProgress("samples", len(prompts) * n, "samples", cfg.progress, transient=False) as bar:
+    with ItemProgress("samples", len(prompts) * n, "sample", cfg.progress, transient=False) as bar:
         drawn = draw_samples(model, ref.tokenizer, prompts, num_samples=n, max_new_tokens=cfg.max_new_tokens,
                              temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed + 1,
                              batch_size=cfg.gen_batch_size, chat=cfg.chat, on_batch=bar.advance)
