@@ -31,15 +31,14 @@ from .models import cache_dir, load_tokenizer, run_config
 from .pair import load_frozen, load_model_pair
 from .prompts import load_prompts, prompt_text, read_prompts  # noqa: F401 (load_prompts re-exported)
 from .rewards import reward_from_config
-from .sampling import autocast_factory, draw, sequence_kl, settings  # noqa: F401 (sequence_kl re-exported)
+from .sampling import autocast_factory, draw, sequence_kl, settings
 from .stats import mean_se, outcomes, proportion_interval, win_rate
 from .unpaired_eval import is_unpaired_source, label_rows, unpaired_eval
 
 
 def evaluate(cfg: EvalConfig | None = None, **overrides) -> dict:
     """Run the evaluations the config asks for; returns (and writes) the eval.json content."""
-    cfg = cfg or resolve(EvalConfig, **overrides)
-    check(cfg)
+    cfg = cfg or resolve(EvalConfig, **overrides)  # checked at construction (config._eval_checks)
     cfg = from_run(cfg, run_config(cfg.model))  # beta and lengths: the run's unless given
     prompts = read_prompts(cfg.prompts, cfg.prompt_column, cfg.limit) if cfg.prompts else None
     pair = load_model_pair(cfg.model, cfg.ref_model, device=cfg.device, bf16=cfg.bf16,
@@ -57,17 +56,6 @@ def evaluate(cfg: EvalConfig | None = None, **overrides) -> dict:
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     print_result(result, out / "eval.json")
     return result
-
-
-def check(cfg: EvalConfig) -> None:
-    if not cfg.data and not cfg.prompts:
-        raise ValueError("nothing to evaluate: pass --data PAIRS and/or --prompts PROMPTS")
-    if cfg.prompts and not cfg.reward:
-        raise ValueError("generation-based evaluation needs --reward (e.g. sentiment, length, module:function)")
-    if cfg.ci not in ("wilson", "bootstrap"):
-        raise ValueError(f"ci must be wilson or bootstrap, got {cfg.ci!r}")
-    if cfg.num_samples < 1 or cfg.batch_size < 1 or cfg.limit < 0:
-        raise ValueError("num_samples and batch_size must be >= 1 and limit >= 0")
 
 
 # ----------------------------------------------------------------------------- preference accuracy

@@ -123,7 +123,6 @@ def as_reply(text: str, prompt, chat: bool):
 def generate(cfg: GenerateConfig | None = None, **overrides) -> dict:
     """Sample, score and pair every prompt; append to cfg.output. Returns counts and the output path."""
     cfg = cfg or resolve(GenerateConfig, **overrides)
-    check_generate(cfg)
     prompts = read_prompts(cfg.prompts, cfg.prompt_column, cfg.limit, cfg.prefix_words)
     reward_fn = reward_from_config(cfg)
     out = Path(cfg.output)
@@ -145,21 +144,6 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> dict:
           f"({counted(totals['ties'], 'tie')} and {totals['below_gap']} below min_gap dropped, "
           f"{counted(totals['flipped'], 'label')} flipped, {counted(totals['skipped'], 'prompt')} already done)")
     return totals
-
-
-def check_generate(cfg: GenerateConfig) -> None:
-    check_sampling(cfg.num_samples, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size)
-    checks = [
-        (cfg.pair_strategy in STRATEGIES, f"pair_strategy must be one of {', '.join(STRATEGIES)}"),
-        (cfg.num_samples >= 2, "num_samples must be >= 2 to make pairs"),
-        (0 <= cfg.flip_rate <= 1, "flip_rate must be in [0, 1]"),
-        (cfg.bt_temperature >= 0, "bt_temperature must be >= 0"),
-        (cfg.min_gap >= 0, "min_gap must be >= 0"),
-        (cfg.bf16 in ("auto", "true", "false"), "bf16 must be auto, true or false"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
 
 
 def reward_from_config(cfg):

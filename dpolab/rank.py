@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import RankConfig, from_run, resolve
+from .config import RankConfig, from_run, names_list, resolve
 from .evaluate import judge_texts, load_eval_pairs, pair_rewards, progress_label, sampling_progress
 from .metrics import print_table
 from .models import load_tokenizer, pick_device, run_config
@@ -32,23 +32,11 @@ from .sampling import draw, settings
 from .stats import bradley_terry_bootstrap, elo, outcomes, win_matrix
 
 
-def split_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()] if isinstance(text, str) else list(text)
-
-
 def rank(cfg: RankConfig | None = None, **overrides) -> dict:
     """Score every model on the same items, fit Bradley-Terry, write rank.json + heat map."""
     cfg = cfg or resolve(RankConfig, **overrides)
-    models = split_list(cfg.models)
-    names = split_list(cfg.names) or models
-    if len(models) < 2:
-        raise ValueError("rank needs at least two models: --models A,B[,C...]")
-    if len(names) != len(models) or len(set(names)) != len(names):
-        raise ValueError(f"--names must give {len(models)} distinct names, one per model")
-    if bool(cfg.data) == bool(cfg.prompts):
-        raise ValueError("rank on either --data PAIRS or --prompts PROMPTS (with --reward), not both or neither")
-    if cfg.prompts and not cfg.reward:
-        raise ValueError("ranking on prompts needs a judge: --reward")
+    models = names_list(cfg.models)  # checked with the config (config._rank_checks)
+    names = names_list(cfg.names) or models
     runs = [from_run(cfg, run_config(m)) for m in models] if cfg.data else None  # each run's beta and lengths unless given
     scores, measure = pair_scores(models, runs, names) if cfg.data else prompt_scores(models, cfg, names)
     result = ranking(scores, names, cfg.n_boot, cfg.seed, cfg.prior)

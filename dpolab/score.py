@@ -26,7 +26,7 @@ from rich.text import Text
 from .config import ScoreConfig, from_run, resolve
 from .data.files import DataError, read_rows
 from .data.formats import normalise
-from .data.tokenize import encode  # noqa: F401 (re-exported: the prompt encoding lives with training's)
+from .data.tokenize import encode
 from .data.unpaired import normalise_unpaired
 from .metrics import counted
 from .models import run_config
@@ -115,8 +115,6 @@ def score(cfg: ScoreConfig | None = None, **overrides) -> list[dict]:
     """Score every candidate response; returns the records written to scores.jsonl."""
     cfg = cfg or resolve(ScoreConfig, **overrides)
     cfg = from_run(cfg, run_config(cfg.model))  # beta and lengths: the run's unless given
-    if not cfg.data:
-        raise ValueError("nothing to score: pass --data FILE")
     rows = load_candidates(cfg.data, cfg.prompt_column, cfg.response_column, cfg.limit)
     pair = load_model_pair(cfg.model, cfg.ref_model, device=cfg.device, bf16=cfg.bf16,
                            trust_remote_code=cfg.trust_remote_code)
