@@ -169,6 +169,8 @@ def compare(policy_rewards: list[float], baseline_rewards: list[float], cfg: Eva
 def result_rows(result: dict) -> list[tuple[str, str]]:
     """(metric, value) rows of an eval.json, shared by the terminal table and the HTML report."""
     rows = [("model", str(result.get("model"))), ("reference", str(result.get("reference"))), ("beta", f"{result.get('beta')}")]
+    if "max_length" in result:  # eval.json files of older versions have no lengths
+        rows.append(("max length (prompt)", f"{result['max_length']} ({result['max_prompt_length']})"))
     pref = result.get("preference")
     if pref and "label_accuracy" in pref:  # unpaired (KTO) data
         rows += label_rows(pref)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dpolab.cli import main
-from dpolab.evaluate import accuracy_summary, evaluate, load_prompts
+from dpolab.evaluate import accuracy_summary, evaluate, load_prompts, result_rows
 from dpolab.sampling import sequence_kl
 from dpolab.models import ModelError
 from dpolab.pair import load_model_pair
@@ -80,6 +80,7 @@ def test_eval_takes_the_runs_lengths_and_beta_unless_given(toy, tmp_path):
     common = dict(model=str(run), data=str(toy["heldout"]), limit=12)
     own = evaluate(**common, output_dir=str(tmp_path / "own"))
     assert (own["beta"], own["max_length"], own["max_prompt_length"]) == (0.3, 10, 4)
+    assert ("max length (prompt)", "10 (4)") in result_rows(own)
     flags = evaluate(**common, beta=0.3, max_length=10, max_prompt_length=4, output_dir=str(tmp_path / "flags"))
     assert flags["preference"] == own["preference"]
     given = evaluate(**common, max_length=256, output_dir=str(tmp_path / "given"))
