@@ -9,8 +9,9 @@ which other prompts share its batch; two models sampled with the same seed share
 (common random numbers: a policy equal to the reference gives identical samples).
 
 Prompts are encoded by `prompts.encode_prompt` (the training rule). `draw` returns exactly the
-sampled token ids (stop token excluded) with their prompts' ids, so `sequence_kl` scores the
-very tokens that were sampled, never a re-tokenisation of their text.
+sampled token ids (stop token excluded; `keep_stop` keeps it, for the rows `generate` writes)
+with their prompts' ids, so `sequence_kl` scores the very tokens that were sampled, never a
+re-tokenisation of their text.
 """
 
 from __future__ import annotations
