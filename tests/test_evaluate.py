@@ -126,6 +126,16 @@ def test_eval_and_rank_print_progress_lines_off_a_terminal(toy, tiny_model_dir, 
     assert "pairs/s" not in capsys.readouterr().err
 
 
+def test_a_reward_model_alone_is_a_reward(tiny_model_dir, tmp_path):
+    """--reward-model without --reward is accepted, as the config says (a second, run-time check
+    refused it with "needs --reward"): the run goes on to the reward model itself."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the movie was\n")
+    with pytest.raises(ValueError, match="reward model .*missing: directory not found"):
+        evaluate(model=str(tiny_model_dir), ref_model=str(tiny_model_dir), prompts=str(prompts),
+                 reward_model=str(tmp_path / "missing"), output_dir=str(tmp_path / "out"))
+
+
 def test_accuracy_matches_hand_computed_rewards(tiny_model_dir, other_model_dir, tmp_path):
     data = write_toy_pairs(tmp_path / "pairs.jsonl", 12, seed=5)
     beta = 0.3
