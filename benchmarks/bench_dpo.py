@@ -424,7 +424,7 @@ def time_eval_path(spec: dict, bf16: bool, model_dir: Path) -> float:
 
     from dpolab.data import load_pairs
     from dpolab.models import load_model, load_tokenizer
-    from dpolab.score import ModelPair
+    from dpolab.pair import ModelPair
 
     tokenizer = load_tokenizer(str(model_dir))
     pairs, _ = load_pairs(spec["data"]["dpolab"], tokenizer, max_length=spec["max_length"], max_prompt_length=spec["max_length"] // 2)

@@ -94,6 +94,18 @@ class Lengths(Options):
 
 
 @dataclass
+class RunLengths(Lengths):
+    """Lengths of eval, score and rank: by default those the model's run was trained with (`from_run`)."""
+
+    max_length: int = like(Lengths, "max_length", 0, "Max tokens of prompt + completion; longer pairs are truncated "
+                                                     "(0 = the max_length the model's run was trained with, from its "
+                                                     "config.yaml; 512 for a model of no dpolab run).")
+    max_prompt_length: int = like(Lengths, "max_prompt_length", help="Prompt tokens kept (from the end) when a pair is "
+                                                                     "too long (0 = the run's own with max_length 0, "
+                                                                     "else half of max_length).")
+
+
+@dataclass
 class Limit(Options):
     limit: int = opt(0, "Use only the first N rows / pairs / prompts of the input (0 = all).")
 
@@ -108,10 +120,12 @@ class Scoring(Packing):
     """Forward passes of eval, score and rank."""
 
     batch_size: int = opt(8, "Sequences per forward pass / prompts per generation batch.")
+    progress: bool = opt(True, "Show the progress of forward passes and sampling (a live bar on a terminal; "
+                               "elsewhere a plain line every 10 s).")
 
     def __post_init__(self):
         # eval / score / rank hand max_prompt_length to the tokeniser as a number: 0 (= half) is made one here
-        if getattr(self, "max_prompt_length", None) == 0:
+        if getattr(self, "max_prompt_length", None) == 0 and getattr(self, "max_length", 0):  # 0: `from_run` decides
             self.max_prompt_length = prompt_limit(self)
         super().__post_init__()
 
@@ -254,7 +268,7 @@ class SFTConfig(CommonConfig):
 
 
 @dataclass
-class ScoreConfig(Scoring, Lengths, Limit, PromptColumn, ImplicitReward, Reference, ModelOptions):
+class ScoreConfig(Scoring, RunLengths, Limit, PromptColumn, ImplicitReward, Reference, ModelOptions):
     """`dpolab score`: implicit reward beta*(log pi - log pi_ref) of responses, ranked per prompt."""
 
     data: str = opt("", "Rows {prompt, response} or {prompt, response: [candidates...]}, or preference pairs "
@@ -266,7 +280,7 @@ class ScoreConfig(Scoring, Lengths, Limit, PromptColumn, ImplicitReward, Referen
 
 
 @dataclass
-class EvalConfig(Scoring, Lengths, PairColumns, Sampling, RewardSpec, Limit, ImplicitReward, Reference, ModelOptions):
+class EvalConfig(Scoring, RunLengths, PairColumns, Sampling, RewardSpec, Limit, ImplicitReward, Reference, ModelOptions):
     """`dpolab eval`: preference accuracy on pairs; reward, win rate and KL from samples."""
 
     data: str = opt("", "Held-out preference pairs for preference accuracy (any format `train` reads).")
@@ -278,12 +292,13 @@ class EvalConfig(Scoring, Lengths, PairColumns, Sampling, RewardSpec, Limit, Imp
 
 
 @dataclass
-class RankConfig(Scoring, Lengths, PairColumns, Sampling, RewardSpec, Limit, Reference, Runtime):
+class RankConfig(Scoring, RunLengths, PairColumns, Sampling, RewardSpec, Limit, Reference, Runtime):
     """`dpolab rank`: several checkpoints on the same pairs or prompts; win matrix and Bradley-Terry ranking."""
 
     models: str = opt("", "Comma-separated model paths (checkpoints, LoRA adapters, 'default').")
     names: str = opt("", "Comma-separated display names (default: the paths).")
-    beta: float = like(ImplicitReward, "beta", 0.1, "beta of the implicit reward (pairs mode).")
+    beta: float = like(ImplicitReward, "beta", help="beta of the implicit reward (pairs mode); 0 = each run's own "
+                                                   "(its config.yaml), else 0.1.")
     data: str = opt("", "Preference pairs: rank by correct implicit-reward ordering.")
     prompts: str = opt("", "Prompt set: rank by the judge's reward of each model's samples (needs --reward).")
     n_boot: int = opt(1000, "Bootstrap resamples of the items for the rating intervals.")
@@ -403,6 +418,29 @@ def prompt_limit(cfg) -> int:
     return cfg.max_prompt_length or cfg.max_length // 2
 
 
+def from_run(cfg, recorded: dict):
+    """`cfg` (eval, score, rank) with its "0 = the run's own" fields filled from `recorded`, the
+    config.yaml of the run the model comes from ({} for a model of no dpolab run, see
+    `models.run_config`): beta (else DPO's usual 0.1), max_length (else 512) and, where
+    max_length came from the run, the run's prompt limit (else half of max_length). A value the
+    user gave is kept. (The implicit reward is DPO's beta * log-ratio sum for every loss; no
+    other loss setting changes it.)"""
+    def number(key, kind, low):
+        value = recorded.get(key)
+        return kind(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low else None
+
+    changes = {}
+    if getattr(cfg, "beta", 1) <= 0:
+        changes["beta"] = number("beta", float, 1e-12) or 0.1
+    if getattr(cfg, "max_length", 1) == 0:
+        length = number("max_length", int, 2)
+        changes["max_length"] = length or Lengths.__dataclass_fields__["max_length"].default
+        if length and cfg.max_prompt_length == 0:
+            run_prompt = number("max_prompt_length", int, 0) or 0
+            changes["max_prompt_length"] = run_prompt if 0 < run_prompt < length else length // 2
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
 def _parse_bool(s: str) -> bool:
     if s.lower() in ("1", "true", "yes", "on"):
         return True
@@ -520,8 +558,10 @@ def field_checks(cfg) -> list[tuple[bool, str]]:
     return [
         (not has("batch_size") or cfg.batch_size >= 1, "batch_size must be >= 1"),
         (not has("grad_accum") or cfg.grad_accum >= 1, "grad_accum must be >= 1"),
-        (not has("max_length") or cfg.max_length >= 2, "max_length must be >= 2"),
-        (not has("max_length", "max_prompt_length") or 0 <= cfg.max_prompt_length < cfg.max_length,
+        (not has("max_length") or cfg.max_length >= 2 or (cfg.max_length == 0 and isinstance(cfg, RunLengths)),
+         "max_length must be >= 2" + (" (0 = the run's own)" if isinstance(cfg, RunLengths) else "")),
+        (not has("max_length", "max_prompt_length")
+         or (cfg.max_prompt_length >= 0 and (cfg.max_length == 0 or cfg.max_prompt_length < cfg.max_length)),
          f"max_prompt_length must be < max_length ({getattr(cfg, 'max_length', '')}); leave it unset for half of it"),
         (not has("limit") or cfg.limit >= 0, "limit must be >= 0"),
         (not has("keep_last") or cfg.keep_last >= 0, "keep_last must be >= 0 (0 = keep all)"),

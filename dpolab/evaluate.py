@@ -20,28 +20,32 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
-from .config import EvalConfig, resolve
-from .prompts import load_prompts, read_prompts  # noqa: F401 (load_prompts re-exported)
+import numpy as np
+
+from .config import EvalConfig, from_run, resolve
+from .data import load_pairs
+from .metrics import ItemProgress, counted, print_table
+from .models import cache_dir, load_tokenizer, run_config
+from .pair import load_frozen, load_model_pair
+from .prompts import load_prompts, prompt_text, read_prompts  # noqa: F401 (load_prompts re-exported)
+from .rewards import reward_from_config
+from .sampling import autocast_factory, draw, sequence_kl, settings
+from .stats import mean_se, outcomes, proportion_interval, win_rate
+from .unpaired_eval import is_unpaired_source, label_rows, unpaired_eval
 
 
 def evaluate(cfg: EvalConfig | None = None, **overrides) -> dict:
     """Run the evaluations the config asks for; returns (and writes) the eval.json content."""
-    from .score import load_model_pair
-
-    cfg = cfg or resolve(EvalConfig, **overrides)
-    check(cfg)
-    from .models import trained_beta
-
-    cfg = dataclasses.replace(cfg, beta=trained_beta(cfg.model, cfg.beta))  # the run's beta unless given
+    cfg = cfg or resolve(EvalConfig, **overrides)  # checked at construction (config._eval_checks)
+    cfg = from_run(cfg, run_config(cfg.model))  # beta and lengths: the run's unless given
     prompts = read_prompts(cfg.prompts, cfg.prompt_column, cfg.limit) if cfg.prompts else None
     pair = load_model_pair(cfg.model, cfg.ref_model, device=cfg.device, bf16=cfg.bf16,
                            trust_remote_code=cfg.trust_remote_code)
     start = time.perf_counter()
-    result = {"model": cfg.model, "reference": pair.names[1], "beta": cfg.beta}
+    result = {"model": cfg.model, "reference": pair.names[1], "beta": cfg.beta, "max_length": cfg.max_length,
+              "max_prompt_length": cfg.max_prompt_length}
     if cfg.data:
         result["preference"] = preference_eval(pair, cfg)
     if prompts is not None:
@@ -54,23 +58,11 @@ def evaluate(cfg: EvalConfig | None = None, **overrides) -> dict:
     return result
 
 
-def check(cfg: EvalConfig) -> None:
-    if not cfg.data and not cfg.prompts:
-        raise ValueError("nothing to evaluate: pass --data PAIRS and/or --prompts PROMPTS")
-    if cfg.prompts and not cfg.reward:
-        raise ValueError("generation-based evaluation needs --reward (e.g. sentiment, length, module:function)")
-    if cfg.ci not in ("wilson", "bootstrap"):
-        raise ValueError(f"ci must be wilson or bootstrap, got {cfg.ci!r}")
-    if cfg.num_samples < 1 or cfg.batch_size < 1 or cfg.limit < 0:
-        raise ValueError("num_samples and batch_size must be >= 1 and limit >= 0")
-
-
 # ----------------------------------------------------------------------------- preference accuracy
-def pair_rewards(pair, pairs, beta: float, batch_size: int, packing: bool = True):
-    """Implicit rewards of TokenizedPairs: (chosen_rewards (B,), rejected_rewards (B,)) float64 numpy."""
-    import numpy as np
-
-    policy_token_logps, reference_token_logps = pair.pair_token_logps(pairs, batch_size, packing)
+def pair_rewards(pair, pairs, beta: float, batch_size: int, packing: bool = True, label: str = ""):
+    """Implicit rewards of TokenizedPairs: (chosen_rewards (B,), rejected_rewards (B,)) float64 numpy.
+    `label`: show the forward passes' progress under this name ("" = none)."""
+    policy_token_logps, reference_token_logps = pair.pair_token_logps(pairs, batch_size, packing, label)
     policy_logps = np.array([float(t.double().sum()) for t in policy_token_logps])
     reference_logps = np.array([float(t.double().sum()) for t in reference_token_logps])
     rewards = beta * (policy_logps - reference_logps)
@@ -79,8 +71,6 @@ def pair_rewards(pair, pairs, beta: float, batch_size: int, packing: bool = True
 
 def accuracy_summary(chosen_rewards, rejected_rewards, ci: str = "wilson", n_boot: int = 2000, seed: int = 0) -> dict:
     """Preference accuracy (ties half) with its 95% interval, and the mean margin with its SE."""
-    from .stats import mean_se, outcomes, proportion_interval
-
     correct = outcomes(chosen_rewards, rejected_rewards)
     if correct.size == 0:
         raise ValueError("no preference pairs to evaluate")
@@ -95,9 +85,6 @@ def accuracy_summary(chosen_rewards, rejected_rewards, ci: str = "wilson", n_boo
 
 
 def load_eval_pairs(source: str, tokenizer, cfg) -> list:
-    from .data import load_pairs
-    from .models import cache_dir
-
     pairs, report = load_pairs(source, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                                prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
                                rejected_column=cfg.rejected_column, cache_dir=str(cache_dir() / "data"))
@@ -108,12 +95,10 @@ def load_eval_pairs(source: str, tokenizer, cfg) -> list:
 
 
 def preference_eval(pair, cfg: EvalConfig) -> dict:
-    from .unpaired_eval import is_unpaired_source, unpaired_eval
-
     if is_unpaired_source(cfg.data):  # KTO data: label accuracy instead of pair accuracy
         return unpaired_eval(pair, cfg)
     pairs = load_eval_pairs(cfg.data, pair.tokenizer, cfg)
-    chosen_rewards, rejected_rewards = pair_rewards(pair, pairs, cfg.beta, cfg.batch_size, cfg.packing)
+    chosen_rewards, rejected_rewards = pair_rewards(pair, pairs, cfg.beta, cfg.batch_size, cfg.packing, progress_label(cfg, "eval"))
     return {"data": cfg.data, **accuracy_summary(chosen_rewards, rejected_rewards, cfg.ci, cfg.n_boot, cfg.seed)}
 
 
@@ -125,80 +110,34 @@ def baseline_model(pair, spec: str, cfg: EvalConfig):
         with pair.reference_model() as model:
             yield model, pair.tokenizer
         return
-    from .models import load_tokenizer
-    from .score import load_frozen
-
     tokenizer = load_tokenizer(spec, cfg.trust_remote_code)
     yield load_frozen(spec, pair.device, cfg.trust_remote_code), tokenizer
 
 
-@dataclass
-class Samples:
-    """num_samples completions per prompt, flattened prompt-major (sample j of prompt i at i*n + j)."""
-
-    prompt_ids: list[list[int]]
-    completion_ids: list[list[int]]  # exactly the sampled tokens, the stop token excluded
-    texts: list[str]
-
-
-def draw_samples(model, tokenizer, prompts: list, cfg, autocast=None) -> Samples:
-    """Sample with the config's fixed seed and settings (the same for every model compared)."""
-    from .generate import sample_ids
-    from .prompts import encode_prompt
-
-    ids = sample_ids(model, tokenizer, prompts, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
-                     temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.batch_size,
-                     autocast=autocast)
-    prompt_ids = [encode_prompt(p, tokenizer) for p in prompts]
-    flat = [(prompt_ids[i], c) for i, row in enumerate(ids) for c in row]
-    texts = [tokenizer.decode(c, skip_special_tokens=True) for _, c in flat]
-    return Samples([p for p, _ in flat], [c for _, c in flat], texts)
-
-
-def sequence_kl(pair, prompt_ids: list[list[int]], completion_ids: list[list[int]], batch_size: int = 8,
-                packing: bool = True) -> dict:
-    """KL(pi || pi_ref) estimate from samples y ~ pi: mean and SE of log pi(y|x) - log pi_ref(y|x).
-
-    The log-probs are of the sampled token ids themselves (no re-tokenisation); an empty
-    sample contributes 0.
-    """
-    from .stats import kl_estimate
-
-    kept = [(p, c) for p, c in zip(prompt_ids, completion_ids) if c]
-    policy_token_logps, reference_token_logps = pair.token_logps(kept, batch_size, packing)
-    empty = len(completion_ids) - len(kept)
-    policy_logps = [float(t.double().sum()) for t in policy_token_logps] + [0.0] * empty
-    reference_logps = [float(t.double().sum()) for t in reference_token_logps] + [0.0] * empty
-    mean, se = kl_estimate(policy_logps, reference_logps)
-    return {"mean": mean, "se": se, "n": len(completion_ids), "empty_samples": empty}
-
-
 def judge_texts(prompts: list, num_samples: int) -> list[str]:
     """The prompt text the reward function sees for every flattened sample."""
-    from .prompts import prompt_text
-
     return [prompt_text(p) for p in prompts for _ in range(num_samples)]
 
 
 def generation_eval(pair, prompts: list, cfg: EvalConfig) -> dict:
-    from .rewards import reward_from_config
-    from .stats import mean_se
-
     reward_fn = reward_from_config(cfg)
     texts = judge_texts(prompts, cfg.num_samples)
-    autocast = pair.autocast if pair.bf16 else None
-    policy = draw_samples(pair.policy, pair.tokenizer, prompts, cfg, autocast)
+    autocast = autocast_factory(pair.device, pair.bf16)
+    with sampling_progress(cfg, "eval samples (policy)", len(prompts)) as bar:
+        policy = draw(pair.policy, pair.tokenizer, prompts, **settings(cfg), autocast=autocast, on_batch=bar.advance)
     policy_rewards = [float(r) for r in reward_fn(texts, policy.texts)]
     mean, se = mean_se(policy_rewards)
     out = {"prompts": len(prompts), "num_samples": cfg.num_samples, "reward_fn": cfg.reward,
            "sampling": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed},
            "policy_reward": {"mean": mean, "se": se},
-           "kl": sequence_kl(pair, policy.prompt_ids, policy.completion_ids, cfg.batch_size, cfg.packing)}
+           "kl": sequence_kl(pair, policy.prompt_ids, policy.completion_ids, cfg.batch_size, cfg.packing,
+                             progress_label(cfg, "eval KL"))}
     shown = [i * cfg.num_samples for i in range(min(5, len(prompts)))]  # the first sample of 5 prompts
     examples = [{"prompt": texts[i], "policy": policy.texts[i], "policy_reward": policy_rewards[i]} for i in shown]
     if cfg.baseline != "none":
-        with baseline_model(pair, cfg.baseline, cfg) as (model, tokenizer):
-            baseline = draw_samples(model, tokenizer, prompts, cfg, autocast)
+        with baseline_model(pair, cfg.baseline, cfg) as (model, tokenizer), \
+                sampling_progress(cfg, "eval samples (baseline)", len(prompts)) as bar:
+            baseline = draw(model, tokenizer, prompts, **settings(cfg), autocast=autocast, on_batch=bar.advance)
         baseline_rewards = [float(r) for r in reward_fn(texts, baseline.texts)]
         out.update(compare(policy_rewards, baseline_rewards, cfg))
         for e, i in zip(examples, shown):
@@ -207,10 +146,18 @@ def generation_eval(pair, prompts: list, cfg: EvalConfig) -> dict:
     return out
 
 
+def progress_label(cfg, label: str) -> str:
+    """`label` when the command shows progress (`--progress`), else "" (the forward passes stay quiet)."""
+    return label if cfg.progress else ""
+
+
+def sampling_progress(cfg, label: str, prompts: int) -> ItemProgress:
+    """Progress of sampling `cfg.num_samples` completions of `prompts` prompts (eval, rank)."""
+    return ItemProgress(label, prompts * cfg.num_samples, "sample", cfg.progress)
+
+
 def compare(policy_rewards: list[float], baseline_rewards: list[float], cfg: EvalConfig) -> dict:
     """Baseline mean reward and the win rate of policy over baseline, sample by sample, ties half."""
-    from .stats import mean_se, outcomes, proportion_interval, win_rate
-
     b_mean, b_se = mean_se(baseline_rewards)
     wins = win_rate(policy_rewards, baseline_rewards)
     lo, hi = proportion_interval(outcomes(policy_rewards, baseline_rewards), cfg.ci, cfg.n_boot, cfg.seed)
@@ -222,14 +169,14 @@ def compare(policy_rewards: list[float], baseline_rewards: list[float], cfg: Eva
 def result_rows(result: dict) -> list[tuple[str, str]]:
     """(metric, value) rows of an eval.json, shared by the terminal table and the HTML report."""
     rows = [("model", str(result.get("model"))), ("reference", str(result.get("reference"))), ("beta", f"{result.get('beta')}")]
+    if "max_length" in result:  # eval.json files of older versions have no lengths
+        rows.append(("max length (prompt)", f"{result['max_length']} ({result['max_prompt_length']})"))
     pref = result.get("preference")
     if pref and "label_accuracy" in pref:  # unpaired (KTO) data
-        from .unpaired_eval import label_rows
-
         rows += label_rows(pref)
     elif pref:
         rows += [
-            ("pairs", f"{pref['n']}  ({pref['correct']} right, {pref['ties']} ties, {pref['wrong']} wrong)"),
+            ("pairs", f"{pref['n']}  ({pref['correct']} right, {counted(pref['ties'], 'tie')}, {pref['wrong']} wrong)"),
             ("preference accuracy", f"{pref['accuracy']:.3f}  [{pref['ci'][0]:.3f}, {pref['ci'][1]:.3f}] 95% {pref['ci_method']}"),
             ("mean reward margin", f"{pref['mean_margin']:+.4f} +/- {pref['margin_se']:.4f} (SE)"),
             ("mean chosen / rejected reward", f"{pref['mean_chosen_reward']:+.4f} / {pref['mean_rejected_reward']:+.4f}"),
@@ -252,6 +199,4 @@ def result_rows(result: dict) -> list[tuple[str, str]]:
 
 
 def print_result(result: dict, path: Path) -> None:
-    from .metrics import print_table
-
     print_table(f"dpolab eval ({result.get('seconds', 0)} s) -> {path}", ["metric", "value"], result_rows(result))

@@ -38,13 +38,7 @@ class MetricsLogger:
         # A live bar only on a terminal: in a log file (nohup, a cluster job) it would print
         # nothing until the end, so plain lines are written instead (`plain_line`).
         if progress and self.console.is_terminal:
-            self.progress = Progress(
-                TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
-                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                console=self.console, transient=False,
-            )
-            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
-            self.progress.start()
+            self.progress, self.task = live_bar(self.console, "step", total_steps, completed=start_step)
 
     def log(self, step: int, values: dict, prefix: str = "train") -> None:
         if not self.enabled:
@@ -97,6 +91,70 @@ class MetricsLogger:
         if self.enabled:
             self.console.print(table)
         return table
+
+
+def counted(n: int, noun: str, plural: str = "") -> str:
+    """`1 pair`, `2 pairs`, `0 pairs`: a count with its noun in the right number."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
+def live_bar(console: Console, label: str, total: int, completed: int = 0, transient: bool = False):
+    """The live bar every long pass draws on a terminal (started): `label n/total bar elapsed eta info`.
+    Returns (rich Progress, task id); `info` is the task field for a rate or metrics."""
+    bar = Progress(TextColumn(f"[bold]{label}"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
+                   TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                   console=console, transient=transient)
+    task = bar.add_task(label, total=total, completed=completed, info="")
+    bar.start()
+    return bar, task
+
+
+PLAIN_EVERY = 10.0  # seconds between plain progress lines when stderr is not a terminal
+
+
+class ItemProgress:
+    """Progress of a long pass over items (the log-probs of eval, score and rank; sampling): train's
+    live bar on a terminal; elsewhere (a log file, a cluster job) a plain line
+    `eval: 64/311 pairs, 12.3 pairs/s, eta 0:00:21` every PLAIN_EVERY seconds, and a last one when
+    a pass that printed any ends. Nothing when not `enabled`. `advance(n)` after each batch.
+    `unit`: what is counted, singular (`pair`, `sample`)."""
+
+    def __init__(self, label: str, total: int, unit: str = "pair", enabled: bool = True, transient: bool = True):
+        self.label, self.total, self.unit, self.enabled, self.transient = label, total, unit, enabled, transient
+        self.done, self.lines, self.bar = 0, 0, None
+
+    def __enter__(self):
+        self.console = Console(stderr=True)
+        self.start = self.last = time.monotonic()
+        if self.enabled and self.console.is_terminal:
+            self.bar, self.task = live_bar(self.console, self.label, self.total, transient=self.transient)
+        return self
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(self.task, advance=n, info=f"{self.rate():.2f} {self.unit}s/s")
+        elif self.enabled and time.monotonic() - self.last >= PLAIN_EVERY:
+            self._line()
+
+    def rate(self) -> float:
+        return self.done / max(time.monotonic() - self.start, 1e-9)
+
+    def plain_line(self) -> str:
+        rate = self.rate()
+        line = f"{self.label}: {self.done}/{counted(self.total, self.unit)}, {rate:.3g} {self.unit}s/s"
+        return line + (f", eta {_clock((self.total - self.done) / rate)}" if 0 < self.done < self.total else "")
+
+    def _line(self) -> None:
+        print(self.plain_line(), file=self.console.file, flush=True)
+        self.lines, self.last = self.lines + 1, time.monotonic()
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        elif self.lines and exc[0] is None:  # the end of a pass long enough to have been reported
+            self._line()
+        return False
 
 
 def print_table(title: str, columns, rows, footer: str = "", left: str | None = None) -> None:

@@ -116,18 +116,16 @@ def run_model_dir(run_dir: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
-def trained_beta(model: str, beta: float) -> float:
-    """`beta` if given (> 0), else the beta recorded in the config.yaml of the run `model` comes
-    from (runs/x, runs/x/final, runs/x/checkpoint-N), else DPO's usual 0.1."""
-    if beta > 0:
-        return beta
-    path = Path(resolve_model_path(model)) if model and model != DEFAULT_MODEL else None
-    recorded = path.parent / "config.yaml" if path is not None else None
-    if recorded is not None and recorded.is_file():
-        value = (yaml.safe_load(recorded.read_text()) or {}).get("beta")
-        if isinstance(value, (int, float)) and value > 0:
-            return float(value)
-    return 0.1
+def run_config(model: str) -> dict:
+    """The config.yaml recorded by the dpolab run `model` comes from (runs/x, runs/x/final,
+    runs/x/checkpoint-N), as a dict; {} for the default model, a hub id or a folder of no run."""
+    if not model or model == DEFAULT_MODEL or not Path(model).exists():
+        return {}
+    recorded = Path(resolve_model_path(model)).parent / "config.yaml"
+    if not recorded.is_file():
+        return {}
+    values = yaml.safe_load(recorded.read_text())
+    return values if isinstance(values, dict) else {}
 
 
 def hub_error(name: str, error: Exception) -> ModelError:

@@ -30,9 +30,10 @@ import torch
 import yaml
 from datasets import Dataset
 
-from .config import opt
-from .generate import prompt_text
+from .config import ModelOptions, Optimizer, Options, Progress, Runtime, Sampling, like, opt
+from .metrics import counted
 from .models import load_model, load_tokenizer
+from .prompts import prompt_text
 
 # TRL's log keys -> dpolab's metrics.jsonl keys (the report draws these curves)
 LOG_KEYS = {"loss": "loss", "reward": "reward", "kl": "kl", "entropy": "entropy", "grad_norm": "grad_norm",
@@ -40,22 +41,24 @@ LOG_KEYS = {"loss": "loss", "reward": "reward", "kl": "kl", "entropy": "entropy"
 
 
 @dataclass
-class OnlineConfig:
-    """Online RL (RLOO, KL-penalised true reward) from a model on a list of prompts."""
+class OnlineConfig(Options):
+    """Online RL (RLOO, KL-penalised true reward) from a model on a list of prompts. Not a command
+    of its own (the experiment runs it); shared fields come from config.py's option groups."""
 
-    model: str = opt("default", "Policy and reference: 'default', a checkpoint dir or a hub id.")
+    model: str = like(ModelOptions, "model", help="Policy and reference: 'default', a checkpoint dir or a hub id.")
     output_dir: str = opt("runs/rloo", "Run directory: final/, config.yaml, metrics.jsonl.")
     kl_coef: float = opt(0.1, "KL coefficient (TRL's beta): the reward is r - kl_coef * (log pi - log pi_ref).")
     steps: int = opt(16, "Optimizer steps; each samples prompts_per_step x num_samples fresh completions.")
     prompts_per_step: int = opt(4, "Prompts per optimizer step.")
-    num_samples: int = opt(4, "K: completions per prompt (the leave-one-out baseline uses the other K - 1).")
-    max_new_tokens: int = opt(16, "Tokens per completion at most.")
-    temperature: float = opt(1.0, "Sampling temperature.")
-    lr: float = opt(1e-5, "Peak learning rate (AdamW, linear decay).")
-    max_grad_norm: float = opt(1.0, "Gradient clipping norm.")
-    seed: int = opt(0, "Seed of prompt order, sampling and initialisation.")
-    device: str = opt("auto", "auto | cpu | cuda.")
-    progress: bool = opt(True, "Show TRL's progress bar.")
+    num_samples: int = like(Sampling, "num_samples", 4, "K: completions per prompt (the leave-one-out baseline uses "
+                                                        "the other K - 1).")
+    max_new_tokens: int = like(Sampling, "max_new_tokens", 16)
+    temperature: float = like(Sampling, "temperature", help="Sampling temperature.")
+    lr: float = like(Optimizer, "lr", 1e-5, "Peak learning rate (AdamW, linear decay).")
+    max_grad_norm: float = like(Optimizer, "max_grad_norm")
+    seed: int = like(Sampling, "seed", help="Seed of prompt order, sampling and initialisation.")
+    device: str = like(Runtime, "device")
+    progress: bool = like(Progress, "progress", help="Show TRL's progress bar.")
 
 
 def rloo(cfg: OnlineConfig, prompts: list, reward_fn) -> Path:
@@ -92,8 +95,9 @@ def check(cfg: OnlineConfig, prompts: list) -> None:
     checks = [
         (cfg.kl_coef > 0, "kl_coef must be > 0 (0 would drop the reference: no KL constraint)"),
         (cfg.num_samples >= 2, "num_samples must be >= 2 (the leave-one-out baseline needs another sample)"),
+        (cfg.temperature > 0, "temperature must be > 0 (RLOO samples from the policy)"),
         (cfg.steps >= 1 and cfg.prompts_per_step >= 1, "steps and prompts_per_step must be >= 1"),
-        (len(prompts) >= cfg.prompts_per_step, f"{len(prompts)} prompts, fewer than prompts_per_step {cfg.prompts_per_step}"),
+        (len(prompts) >= cfg.prompts_per_step, f"{counted(len(prompts), 'prompt')}, fewer than prompts_per_step {cfg.prompts_per_step}"),
     ]
     for ok, message in checks:
         if not ok:

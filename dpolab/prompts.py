@@ -9,7 +9,12 @@ token ids training uses for it (chat template + generation prompt for messages).
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
+
+from .data.files import DataError, read_rows
+from .data.formats import normalise
+from .data.tokenize import encode_prompts, render_prompt
 
 BUILTIN_PROMPTS = Path(__file__).parent / "resources" / "sentiment_prompts.txt"
 
@@ -17,8 +22,6 @@ BUILTIN_PROMPTS = Path(__file__).parent / "resources" / "sentiment_prompts.txt"
 def read_prompts(source: str = "", column: str = "prompt", limit: int = 0, prefix_words: int = 8) -> list:
     """Prompts from the built-in set (empty source), a .txt file (one per line), a `review`
     column (its first `prefix_words` words, `<br />` removed) or a prompt column / pair file."""
-    from .data.files import DataError
-
     path = Path(source) if source else BUILTIN_PROMPTS
     if path.suffix == ".txt":
         if not path.is_file():
@@ -33,8 +36,6 @@ def read_prompts(source: str = "", column: str = "prompt", limit: int = 0, prefi
 
 
 def _table_prompts(source: str, column: str, prefix_words: int) -> list:
-    from .data.files import read_rows
-
     first = next(iter(read_rows(source)), None)
     if first is not None and column not in first[1] and "review" in first[1]:
         return [review_prefix(str(row.get("review") or ""), prefix_words) for _, row in read_rows(source)]
@@ -53,11 +54,6 @@ def prompt_text(prompt) -> str:
 
 def load_prompts(source: str, prompt_column: str = "prompt", limit: int = 0) -> list:
     """Prompts (text or messages) from a prompt column, or the prompts of a preference-pair file."""
-    import itertools
-
-    from .data.files import DataError, read_rows
-    from .data.formats import normalise
-
     rows = list(itertools.islice(read_rows(source), limit or None))
     if not rows:
         raise ValueError(f"{source}: empty prompt set")
@@ -77,19 +73,10 @@ def load_prompts(source: str, prompt_column: str = "prompt", limit: int = 0) -> 
     raise DataError(f"{source}: row {rows[0][0]}: no '{prompt_column}' column (and no preference pairs to take prompts from)")
 
 
-
 def encode_prompt(prompt, tokenizer, chat: bool = False) -> list[int]:
-    """Prompt token ids as training tokenises them (chat template + generation prompt for messages)."""
-    if isinstance(prompt, str) and chat:
-        prompt = [{"role": "user", "content": prompt}]
-    if not isinstance(prompt, str):
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("chat prompts need a tokenizer with a chat template")
-        prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    bos = tokenizer.bos_token_id
-    if bos is not None and ids[:2] == [bos, bos]:  # the chat template wrote BOS too
-        ids = ids[1:]
+    """Prompt token ids exactly as training tokenises them (`data.tokenize.render_prompt` and
+    `encode_prompts`: chat template + generation prompt for messages, BOS rule)."""
+    ids = encode_prompts([render_prompt(prompt, tokenizer, chat)], tokenizer)[0]
     if not ids:
         raise ValueError("empty prompt: nothing to continue from")
     return ids

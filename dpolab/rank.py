@@ -15,31 +15,33 @@ intervals from resampling items. Outputs: rank.json, win_matrix.png and a ranked
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
-from .config import RankConfig, resolve
+import numpy as np
 
-
-def split_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()] if isinstance(text, str) else list(text)
+from .config import RankConfig, from_run, names_list, resolve
+from .evaluate import judge_texts, load_eval_pairs, pair_rewards, progress_label, sampling_progress
+from .metrics import print_table
+from .models import load_tokenizer, pick_device, run_config
+from .pair import load_frozen, load_model_pair
+from .prompts import read_prompts
+from .rewards import reward_from_config
+from .sampling import draw, settings
+from .stats import bradley_terry_bootstrap, elo, outcomes, win_matrix
 
 
 def rank(cfg: RankConfig | None = None, **overrides) -> dict:
     """Score every model on the same items, fit Bradley-Terry, write rank.json + heat map."""
     cfg = cfg or resolve(RankConfig, **overrides)
-    models = split_list(cfg.models)
-    names = split_list(cfg.names) or models
-    if len(models) < 2:
-        raise ValueError("rank needs at least two models: --models A,B[,C...]")
-    if len(names) != len(models) or len(set(names)) != len(names):
-        raise ValueError(f"--names must give {len(models)} distinct names, one per model")
-    if bool(cfg.data) == bool(cfg.prompts):
-        raise ValueError("rank on either --data PAIRS or --prompts PROMPTS (with --reward), not both or neither")
-    if cfg.prompts and not cfg.reward:
-        raise ValueError("ranking on prompts needs a judge: --reward")
-    scores, measure = pair_scores(models, cfg) if cfg.data else prompt_scores(models, cfg)
+    models = names_list(cfg.models)  # checked with the config (config._rank_checks)
+    names = names_list(cfg.names) or models
+    runs = [from_run(cfg, run_config(m)) for m in models] if cfg.data else None  # each run's beta and lengths unless given
+    scores, measure = pair_scores(models, runs, names) if cfg.data else prompt_scores(models, cfg, names)
     result = ranking(scores, names, cfg.n_boot, cfg.seed, cfg.prior)
+    for m, run in zip(result["models"], runs or []):
+        m.update(beta=run.beta, max_length=run.max_length, max_prompt_length=run.max_prompt_length)
     result.update({"mode": "pairs" if cfg.data else "prompts", "source": cfg.data or cfg.prompts,
                    "measure": measure, "paths": models, "reward": cfg.reward or None})
     out = Path(cfg.output_dir)
@@ -52,10 +54,6 @@ def rank(cfg: RankConfig | None = None, **overrides) -> dict:
 
 def ranking(scores, names: list[str], n_boot: int = 1000, seed: int = 0, prior: float = 0.1) -> dict:
     """scores (K, M) -> the rank.json content: BT ratings with intervals, win matrix, ordering."""
-    import numpy as np
-
-    from .stats import bradley_terry_bootstrap, elo, win_matrix
-
     scores = np.asarray(scores, dtype=np.float64)
     theta, lower, upper = bradley_terry_bootstrap(scores, n_boot=n_boot, seed=seed, prior=prior)
     wins = win_matrix(scores)
@@ -70,46 +68,39 @@ def ranking(scores, names: list[str], n_boot: int = 1000, seed: int = 0, prior: 
 
 
 # ----------------------------------------------------------------------------- scores per model
-def pair_scores(models: list[str], cfg: RankConfig):
-    """(K, M) correctness of each model's implicit-reward ordering on the pairs all models kept."""
-    import numpy as np
+def pair_scores(models: list[str], runs: list[RankConfig], names: list[str]):
+    """(K, M) correctness of each model's implicit-reward ordering on the pairs all models kept.
 
-    from .evaluate import load_eval_pairs, pair_rewards
-    from .score import load_model_pair
-    from .stats import outcomes
-
+    runs[i]: the config for model i, its beta and lengths `--beta` / `--max-length` if given, else
+    those its run was trained with (its config.yaml, as eval and score do; `config.from_run`).
+    (A tie needs equal rewards, so the beta changes which pairs count as ties only through
+    rounding; it is recorded in rank.json with the lengths.)"""
     per_model = []
-    for path in models:
+    for path, cfg, name in zip(models, runs, names):
         pair = load_model_pair(path, cfg.ref_model, device=cfg.device, bf16=cfg.bf16, trust_remote_code=cfg.trust_remote_code)
         pairs = load_eval_pairs(cfg.data, pair.tokenizer, cfg)
-        chosen, rejected = pair_rewards(pair, pairs, cfg.beta, cfg.batch_size, cfg.packing)
+        chosen, rejected = pair_rewards(pair, pairs, cfg.beta, cfg.batch_size, cfg.packing, progress_label(cfg, f"rank {name}"))
         per_model.append(dict(zip([p.row for p in pairs], outcomes(chosen, rejected))))
         del pair
     rows = sorted(set.intersection(*(set(m) for m in per_model)))  # tokenizers may drop different rows
     if not rows:
-        raise ValueError(f"{cfg.data}: no pair is usable by every model")
+        raise ValueError(f"{runs[0].data}: no pair is usable by every model")
     return np.array([[m[r] for r in rows] for m in per_model]), "preference accuracy"
 
 
-def prompt_scores(models: list[str], cfg: RankConfig):
+def prompt_scores(models: list[str], cfg: RankConfig, names: list[str]):
     """(K, prompts x num_samples) judge rewards of each model's samples, same seed for all."""
-    import numpy as np
-
-    from .evaluate import draw_samples, judge_texts
-    from .prompts import read_prompts
-    from .models import load_tokenizer, pick_device
-    from .rewards import reward_from_config
-    from .score import load_frozen
-
     prompts = read_prompts(cfg.prompts, cfg.prompt_column, cfg.limit)
     judge = reward_from_config(cfg)
     texts = judge_texts(prompts, cfg.num_samples)
     device = pick_device(cfg.device)
     scores = []
-    for path in models:
+    for path, name in zip(models, names):
         tokenizer = load_tokenizer(path, cfg.trust_remote_code)
         model = load_frozen(path, device, cfg.trust_remote_code)
-        scores.append([float(r) for r in judge(texts, draw_samples(model, tokenizer, prompts, cfg).texts)])
+        with sampling_progress(cfg, f"rank {name} samples", len(prompts)) as bar:
+            drawn = draw(model, tokenizer, prompts, **settings(cfg), on_batch=bar.advance)
+        scores.append([float(r) for r in judge(texts, drawn.texts)])
         del model
     return np.array(scores), f"mean reward ({cfg.reward})"
 
@@ -117,13 +108,10 @@ def prompt_scores(models: list[str], cfg: RankConfig):
 # ----------------------------------------------------------------------------- outputs
 def win_matrix_png(result: dict) -> bytes:
     """Heat map of the win fraction of row model over column model, models in rank order."""
-    import io
-
-    import matplotlib
+    import matplotlib  # why: heavy, and only this function draws
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     names = result["order"]
     index = [result["names"].index(n) for n in names]
@@ -161,7 +149,5 @@ RANK_COLUMNS = ["rank", "model", "Bradley-Terry Elo [95% CI]", "mean score", "wi
 
 
 def print_ranking(result: dict, out: Path) -> None:
-    from .metrics import print_table
-
     print_table(f"dpolab rank: {result['mode']} ({result['items']} items, score = {result['measure']})", RANK_COLUMNS,
                 ranking_rows(result), footer=f"-> {out / 'rank.json'}, {out / 'win_matrix.png'}", left="model")

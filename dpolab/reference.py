@@ -1,5 +1,9 @@
 """Reference log-probs: a frozen model, the LoRA base with adapters disabled, or a disk cache.
 
+The training-side reference is one of five values; `kind` names them (the one place that
+maps them) and `reference_logps` dispatches on it. Evaluation commands hold the reference
+in a `pair.ModelPair` instead (a model or ADAPTER: the same marker as here).
+
 DPO needs `log pi_ref(y|x)` for every chosen and rejected completion. They never change
 during training, so `--precompute-ref` computes them once (no autograd state), stores them
 as safetensors keyed by a hash of the token ids and the reference model, and frees the
@@ -13,7 +17,6 @@ gathering them, which inference tensors refuse.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -24,20 +27,46 @@ from safetensors.torch import load_file, save_file
 from .data.collate import collate_pairs, to_device
 from .distributed import main_decides, rounds
 from .logprobs import pair_logps
+from .pair import ADAPTER
+
+INITIAL = "initial"  # the policy itself before training: a reference until --precompute-ref caches it
+
+
+def kind(reference) -> str:
+    """Which training-side reference `reference` is:
+
+    - "none": None, a reference-free loss (SimPO, ORPO, ...) needs no reference;
+    - "adapter": ADAPTER, the LoRA policy with its adapters switched off (the base weights);
+    - "initial": INITIAL, the policy before training, only until `--precompute-ref` turns it
+      into a cached tensor (train.finish_reference);
+    - "cached": an (N, 2) tensor of [chosen, rejected] reference log-probs, indexed by batch["index"];
+    - "model": a frozen reference model (possibly wrapped by DDP/FSDP/DeepSpeed).
+    """
+    if reference is None:
+        return "none"
+    if isinstance(reference, torch.Tensor):
+        return "cached"
+    if isinstance(reference, str):
+        if reference not in (ADAPTER, INITIAL):
+            raise ValueError(f"unknown reference marker {reference!r}")
+        return "adapter" if reference == ADAPTER else "initial"
+    return "model"
 
 
 def reference_logps(policy, reference, batch: dict, autocast, pair_fn=pair_logps) -> tuple[torch.Tensor, torch.Tensor]:
     """(reference_chosen_logps (B,), reference_rejected_logps (B,)) for a pair batch.
 
-    `reference` is a model, the string "adapter" (LoRA base = reference), or a (N, 2)
-    tensor of cached values indexed by batch["index"]. `pair_fn(model, batch)` computes the
-    pair log-probs of a live model (LD-DPO passes its own).
+    `reference`: a model, ADAPTER or cached values (see `kind`). `pair_fn(model, batch)` computes
+    the pair log-probs of a live model (LD-DPO passes its own).
     """
-    if isinstance(reference, torch.Tensor):
+    which = kind(reference)
+    if which in ("none", "initial"):
+        raise ValueError(f"reference log-probs need a model, the adapter's base or a cache, not {which!r}")
+    if which == "cached":
         cached = reference[batch["index"].cpu()].to(batch["input_ids"].device)
         return cached[:, 0], cached[:, 1]
     with torch.no_grad(), autocast():
-        if isinstance(reference, str):  # "adapter": same weights, LoRA switched off
+        if which == "adapter":  # same weights, LoRA switched off
             # call the (possibly FSDP/DDP-wrapped) policy itself so sharded weights are gathered;
             # eval mode: ZeRO-3 mixes up its fetch order in a no-grad forward of a training module
             training = policy.training
@@ -119,8 +148,3 @@ def cached(path: Path, compute, accelerator=None) -> torch.Tensor:
     if acc is not None:
         acc.wait_for_everyone()
     return values
-
-
-@contextlib.contextmanager
-def no_autocast():
-    yield

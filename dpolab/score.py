@@ -14,201 +14,26 @@ switched off), else the `model` recorded in the run's config.yaml next to a chec
 
 from __future__ import annotations
 
-import contextlib
 import html
+import itertools
 import json
-import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ScoreConfig, resolve
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
-ADAPTER = "adapter"  # reference = the policy with its LoRA adapter disabled
-
-
-# ----------------------------------------------------------------------------- models
-def reference_path(model: str, ref_model: str = "") -> str:
-    """The reference of `model`: `ref_model`, ADAPTER for a LoRA adapter, or the run config's model."""
-    import yaml
-
-    from .models import ModelError, resolve_model_path
-
-    if ref_model:
-        return ref_model
-    path = Path(resolve_model_path(model))
-    if (path / "adapter_config.json").exists():
-        return ADAPTER
-    run_config = path.parent / "config.yaml"
-    if run_config.exists():
-        recorded = yaml.safe_load(run_config.read_text()) or {}
-        if recorded.get("ref_model") or recorded.get("model"):
-            return recorded.get("ref_model") or recorded["model"]
-    raise ModelError(f"{model}: no reference model known: pass --ref-model "
-                     "(automatic only for a LoRA adapter or a checkpoint inside a dpolab run)")
+from .config import ScoreConfig, from_run, resolve
+from .data.files import DataError, read_rows
+from .data.formats import normalise
+from .data.tokenize import encode
+from .data.unpaired import normalise_unpaired
+from .metrics import counted
+from .models import run_config
+from .pair import ModelPair, load_model_pair
 
 
-@dataclass
-class ModelPair:
-    """A policy and its reference, ready to give log-probs of the same token ids."""
-
-    policy: object
-    reference: object  # a model, or ADAPTER
-    tokenizer: object
-    device: object
-    bf16: bool
-    names: tuple[str, str]
-
-    def autocast(self):
-        import torch
-
-        if not self.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
-
-    @contextlib.contextmanager
-    def reference_model(self):
-        """The reference as a model (for generation); for an adapter, the base while inside."""
-        if self.reference is ADAPTER:
-            with self.policy.disable_adapter():
-                yield self.policy
-        else:
-            yield self.reference
-
-    def token_logps(self, items, batch_size: int, packing: bool = True):
-        """items [(prompt_ids, completion_ids)] -> (policy per-token logps, reference per-token logps),
-        each a list of (len_i,) fp32 CPU tensors."""
-        with self.reference_model() as reference:
-            reference_token_logps = batched_token_logps(reference, items, self, batch_size, packing)
-        if self.reference is self.policy:  # one model asked to be its own reference: rewards are 0
-            return reference_token_logps, reference_token_logps
-        policy_token_logps = batched_token_logps(self.policy, items, self, batch_size, packing)
-        return policy_token_logps, reference_token_logps
-
-    def pair_token_logps(self, pairs, batch_size: int, packing: bool = True):
-        """TokenizedPairs -> (policy, reference) per-token logps of [every chosen..., every rejected...],
-        the training fast path: each prompt computed once for both completions (prefix sharing)."""
-        with self.reference_model() as reference:
-            reference_token_logps = batched_pair_token_logps(reference, pairs, self, batch_size, packing)
-        if self.reference is self.policy:
-            return reference_token_logps, reference_token_logps
-        return batched_pair_token_logps(self.policy, pairs, self, batch_size, packing), reference_token_logps
-
-
-def load_frozen(name: str, device, trust_remote_code: bool = False):
-    from .models import load_model
-
-    model = load_model(name, trust_remote_code=trust_remote_code).to(device).eval()
-    model.requires_grad_(False)
-    return model
-
-
-def load_model_pair(model: str, ref_model: str = "", *, device: str = "auto", bf16: str = "false",
-                    trust_remote_code: bool = False) -> ModelPair:
-    """Load the policy and its reference; different tokenizers stop here with one clear line."""
-    from .models import ModelError, bf16_default, load_tokenizer, pick_device, resolve_model_path, same_tokenizer
-
-    if bf16 not in ("auto", "true", "false"):
-        raise ValueError("bf16 must be auto, true or false")
-    ref = reference_path(model, ref_model)
-    tokenizer = load_tokenizer(model, trust_remote_code)
-    same = ref != ADAPTER and Path(resolve_model_path(ref)).resolve() == Path(resolve_model_path(model)).resolve()
-    if ref != ADAPTER and not same and not same_tokenizer(tokenizer, load_tokenizer(ref, trust_remote_code)):
-        raise ModelError(f"model {model} and reference {ref} use different tokenizers: "
-                         "the implicit reward compares log-probs of the same token ids")
-    dev = pick_device(device)
-    policy = load_frozen(model, dev, trust_remote_code)
-    reference = ADAPTER if ref == ADAPTER else policy if same else load_frozen(ref, dev, trust_remote_code)
-    use_bf16 = bf16 == "true" or (bf16 == "auto" and bf16_default(dev))
-    if ref == ADAPTER:
-        base = json.loads(Path(resolve_model_path(model), "adapter_config.json").read_text()).get("base_model_name_or_path")
-        ref = f"{base} (the adapter's base)"
-    return ModelPair(policy, reference, tokenizer, dev, use_bf16, (model, ref))
-
-
-def batched_token_logps(model, items, pair: ModelPair, batch_size: int, packing: bool = True) -> list:
-    """Per-token completion log-probs of every (prompt_ids, completion_ids) item, batch by batch."""
-    import torch
-
-    from .data.collate import collate, to_device
-    from .logprobs import forward_logps, split_tokens
-
-    from rich.console import Console
-    from rich.progress import Progress
-
-    out = []
-    pad_id = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else 0
-    # a transient bar on a terminal only: long evaluations show progress, logs and tests stay clean
-    with torch.inference_mode(), Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("log-probs", total=len(items))
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            batch = collate([p for p, _ in chunk], [c for _, c in chunk], pad_id, packing)
-            batch = to_device(batch, pair.device)
-            with pair.autocast():
-                token_logps = forward_logps(model, batch)
-            out += [t.float().cpu() for t in split_tokens(token_logps, batch)]
-            bar.advance(task, len(chunk))
-    return out
-
-
-def batched_pair_token_logps(model, pairs, pair: ModelPair, batch_size: int, packing: bool = True) -> list:
-    """Per-token log-probs of every chosen then every rejected completion, `batch_size // 2` pairs
-    (batch_size sequences) per forward: packed, prefix-shared, segment attention, as in training."""
-    import torch
-
-    from .data.collate import Layout, collate_pairs, to_device
-    from .logprobs import forward_logps, split_tokens
-
-    layout = Layout(packing=True, prefix_sharing=True, segment_attention=True) if packing else Layout(packing=False)
-    pad_id = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else 0
-    step = max(1, batch_size // 2)
-    chosen, rejected = [], []
-    with torch.inference_mode():
-        for start in range(0, len(pairs), step):
-            chunk = pairs[start : start + step]
-            batch = to_device(collate_pairs(chunk, pad_id, layout), pair.device)
-            with pair.autocast():
-                tokens = [t.float().cpu() for t in split_tokens(forward_logps(model, batch), batch)]
-            chosen += tokens[: len(chunk)]
-            rejected += tokens[len(chunk):]
-    return chosen + rejected
-
-
-# ----------------------------------------------------------------------------- text -> ids
-def encode(prompt, completion: str, tokenizer, max_length: int = 1024, max_prompt_length: int = 512,
-           full_response: bool = True) -> tuple[list[int], list[int]] | None:
-    """(prompt_ids, completion_ids) the way training tokenises a pair; None if nothing fits.
-
-    prompt: text, or messages (rendered with the chat template and its generation prompt).
-    full_response: the completion is a whole response, so it ends with EOS (text) or the
-    template's end of turn (messages); False for sampled text scored as it was generated.
-    """
-    from .data.files import DataError
-    from .data.tokenize import truncate
-
-    messages = not isinstance(prompt, str)
-    if messages and not getattr(tokenizer, "chat_template", None):
-        raise DataError("conversational prompts need a tokenizer with a chat template")
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) if messages else prompt
-    completion_text = completion
-    if messages and full_response:
-        full = tokenizer.apply_chat_template(list(prompt) + [{"role": "assistant", "content": completion}], tokenize=False)
-        if full.startswith(prompt_text):
-            completion_text = full[len(prompt_text):]
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if bos is not None and prompt_ids[:2] == [bos, bos]:  # the chat template wrote BOS too
-        prompt_ids = prompt_ids[1:]
-    completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
-    if full_response and not messages and eos is not None and completion_ids[-1:] != [eos]:
-        completion_ids = completion_ids + [eos]
-    if not prompt_ids or not completion_ids:
-        return None
-    keep_first = bos is not None and prompt_ids[:1] == [bos]
-    cut = truncate(prompt_ids, completion_ids, completion_ids, max_length, max_prompt_length, keep_first)
-    return None if cut is None else (cut[0], cut[1])
-
-
+# ----------------------------------------------------------------------------- ids -> text
 def token_texts(ids: list[int], tokenizer) -> list[str]:
     """Display text of each token (special tokens kept, so an EOS shows up as itself)."""
     return [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
@@ -218,11 +43,6 @@ def token_texts(ids: list[int], tokenizer) -> list[str]:
 def load_candidates(source: str, prompt_column: str = "prompt", response_column: str = "response",
                     limit: int = 0) -> list[tuple[int, object, list[str]]]:
     """[(row, prompt, candidate responses)] from a file of responses or of preference pairs."""
-    import itertools
-
-    from .data.files import DataError, read_rows
-    from .data.formats import normalise
-
     rows = list(itertools.islice(read_rows(source), limit or None))
     if not rows:
         raise DataError(f"{source}: no rows to score")
@@ -230,8 +50,6 @@ def load_candidates(source: str, prompt_column: str = "prompt", response_column:
     if response_column in first:
         return [_candidate_row(source, n, raw, prompt_column, response_column) for n, raw in rows]
     if "completion" in first and "label" in first and "chosen" not in first:  # unpaired (KTO) rows
-        from .data.unpaired import normalise_unpaired
-
         examples, _ = normalise_unpaired(rows, source, prompt_column)
         return [(e.row, e.prompt, [_text(e.completion)]) for e in examples]
     if "chosen" in first and "rejected" in first:
@@ -245,8 +63,6 @@ def _text(completion) -> str:
 
 
 def _candidate_row(source, n, raw, prompt_column, response_column):
-    from .data.files import DataError
-
     prompt, value = raw.get(prompt_column), raw.get(response_column)
     if not isinstance(prompt, (str, list)) or not prompt:
         raise DataError(f"{source}: row {n}: field '{prompt_column}': expected a prompt text or messages")
@@ -258,7 +74,8 @@ def _candidate_row(source, n, raw, prompt_column, response_column):
 
 # ----------------------------------------------------------------------------- scoring
 def implicit_rewards(pair: ModelPair, prompts: list, responses: list[str], beta: float, *, batch_size: int = 8,
-                     max_length: int = 1024, max_prompt_length: int = 512, packing: bool = True) -> list[dict | None]:
+                     max_length: int = 1024, max_prompt_length: int = 512, packing: bool = True,
+                     label: str = "") -> list[dict | None]:
     """One record per (prompt, response): reward, length-normalised reward, per-token rewards.
 
     Record: policy_logps, reference_logps (summed over the response tokens), reward =
@@ -267,7 +84,7 @@ def implicit_rewards(pair: ModelPair, prompts: list, responses: list[str], beta:
     """
     encoded = [encode(p, r, pair.tokenizer, max_length, max_prompt_length) for p, r in zip(prompts, responses)]
     kept = [e for e in encoded if e is not None]
-    policy_token_logps, reference_token_logps = pair.token_logps(kept, batch_size, packing)
+    policy_token_logps, reference_token_logps = pair.token_logps(kept, batch_size, packing, label)
     results, k = [], 0
     for e in encoded:
         if e is None:
@@ -297,17 +114,14 @@ def rank_candidates(records: list[dict]) -> None:
 def score(cfg: ScoreConfig | None = None, **overrides) -> list[dict]:
     """Score every candidate response; returns the records written to scores.jsonl."""
     cfg = cfg or resolve(ScoreConfig, **overrides)
-    from .models import trained_beta
-
-    cfg = dataclasses.replace(cfg, beta=trained_beta(cfg.model, cfg.beta))  # the run's beta unless given
-    if not cfg.data:
-        raise ValueError("nothing to score: pass --data FILE")
+    cfg = from_run(cfg, run_config(cfg.model))  # beta and lengths: the run's unless given
     rows = load_candidates(cfg.data, cfg.prompt_column, cfg.response_column, cfg.limit)
     pair = load_model_pair(cfg.model, cfg.ref_model, device=cfg.device, bf16=cfg.bf16,
                            trust_remote_code=cfg.trust_remote_code)
     flat = [(n, i, prompt, resp) for n, prompt, cands in rows for i, resp in enumerate(cands)]
     scored = implicit_rewards(pair, [f[2] for f in flat], [f[3] for f in flat], cfg.beta, batch_size=cfg.batch_size,
-                              max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, packing=cfg.packing)
+                              max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, packing=cfg.packing,
+                              label="score" if cfg.progress else "")
     records = []
     for (n, i, prompt, resp), s in zip(flat, scored):
         if s is not None:
@@ -350,10 +164,6 @@ def _scale(records: list[dict]) -> float:
 
 
 def print_scores(records: list[dict], cfg: ScoreConfig) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
     console = Console()
     rows = sorted({r["row"] for r in records})[: max(cfg.show, 0)]
     shown = [r for r in records if r["row"] in rows]
@@ -373,7 +183,8 @@ def print_scores(records: list[dict], cfg: ScoreConfig) -> None:
                 text.append(tok, style="black on rgb({},{},{})".format(*shade(v, scale)))
             console.print(text)
     extra = " (+ tokens.jsonl, tokens.html: open it in a browser)" if cfg.per_token else ""
-    console.print(f"{len(records)} responses of {len({r['row'] for r in records})} prompts -> {cfg.output_dir}/scores.jsonl{extra}")
+    console.print(f"{counted(len(records), 'response')} of {counted(len({r['row'] for r in records}), 'prompt')} "
+                  f"-> {cfg.output_dir}/scores.jsonl{extra}")
 
 
 ATTRIBUTION_CSS = """

@@ -51,7 +51,7 @@ def unpaired_eval(pair, cfg) -> dict:
     if not examples:
         raise ValueError(f"{cfg.data}: no usable examples ({report.dropped or 'empty'})")
     items = [(e.prompt_ids, e.completion_ids) for e in examples]
-    policy, reference = pair.token_logps(items, cfg.batch_size, cfg.packing)
+    policy, reference = pair.token_logps(items, cfg.batch_size, cfg.packing, "eval" if cfg.progress else "")
     rewards = [cfg.beta * float(p.double().sum() - r.double().sum()) for p, r in zip(policy, reference)]
     return {"data": cfg.data, "format": report.format,
             **label_summary(rewards, [e.label for e in examples], cfg.ci, cfg.n_boot, cfg.seed)}

@@ -127,6 +127,7 @@ def test_shared_fields_have_one_default_across_commands():
            ("num_samples", "LabelNoiseConfig"), ("max_new_tokens", "ExperimentConfig"), ("max_new_tokens", "SweepConfig"),
            ("max_new_tokens", "LabelNoiseConfig"), ("reward", "GenerateConfig"), ("reward", "ExperimentConfig"),
            ("reward", "SweepConfig"), ("reward", "LabelNoiseConfig"), ("beta", "RankConfig")}
+    own |= {(f, c) for f in ("max_length", "max_prompt_length") for c in ("EvalConfig", "ScoreConfig", "RankConfig")}
     groups = [config.Runtime, config.ModelOptions, config.Lengths, config.Sampling, config.RewardSpec, config.PairColumns,
               config.Scoring, config.ImplicitReward]
     for name, (cls, _, _) in COMMANDS.items():
@@ -137,7 +138,8 @@ def test_shared_fields_have_one_default_across_commands():
                     assert fields[g.name].default == g.default, (name, g.name)
     for cls in (config.TrainConfig, config.EvalConfig, config.ScoreConfig, config.RankConfig):
         f = {f.name: f.default for f in dataclasses.fields(cls)}
-        assert (f["max_length"], f["bf16"]) == (512, "auto"), cls.__name__
+        # eval / score / rank: 0 = the run's own max_length (config.from_run), 512 (training's) for a bare model
+        assert (f["max_length"], f["bf16"]) == (512 if cls is config.TrainConfig else 0, "auto"), cls.__name__
     assert config.GenerateConfig().bf16 == config.ExperimentConfig().bf16 == "auto"
 
 
@@ -168,6 +170,29 @@ def test_every_command_config_is_checked_at_construction(cls_name, values, messa
 def test_scoring_commands_resolve_a_zero_prompt_limit_to_half():
     from dpolab.config import EvalConfig, ScoreConfig
 
-    assert ScoreConfig(data="x").max_prompt_length == 256  # max_length 512 by default
+    assert ScoreConfig(data="x").max_prompt_length == 0  # max_length 0: the run's, decided by from_run
+    assert ScoreConfig(data="x", max_length=512).max_prompt_length == 256
     assert EvalConfig(data="x", max_length=100).max_prompt_length == 50
     assert EvalConfig(data="x", max_length=100, max_prompt_length=10).max_prompt_length == 10
+
+
+@pytest.mark.parametrize("given, recorded, expected", [
+    ({}, {}, (0.1, 512, 256)),  # a model of no dpolab run
+    ({}, {"beta": 0.3, "max_length": 100, "max_prompt_length": 30}, (0.3, 100, 30)),
+    ({}, {"beta": 0.3, "max_length": 100, "max_prompt_length": 0}, (0.3, 100, 50)),  # the run's 0 = half
+    ({"beta": 0.5, "max_length": 64}, {"beta": 0.3, "max_length": 100, "max_prompt_length": 30}, (0.5, 64, 32)),
+    ({"max_prompt_length": 10}, {"max_length": 100, "max_prompt_length": 30}, (0.1, 100, 10)),
+    ({}, {"beta": "x", "max_length": True}, (0.1, 512, 256)),  # not numbers: ignored
+])
+def test_scoring_settings_come_from_the_run_unless_given(given, recorded, expected):
+    from dpolab.config import EvalConfig, from_run
+
+    cfg = from_run(EvalConfig(data="x", **given), recorded)
+    assert (cfg.beta, cfg.max_length, cfg.max_prompt_length) == expected
+
+
+def test_a_given_prompt_limit_must_fit_the_runs_length():
+    from dpolab.config import ScoreConfig, from_run
+
+    with pytest.raises(ValueError, match="max_prompt_length must be < max_length"):
+        from_run(ScoreConfig(data="x", max_prompt_length=200), {"max_length": 100})

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from dpolab.cli import main
-from dpolab.evaluate import accuracy_summary, evaluate, load_prompts, sequence_kl
+from dpolab.evaluate import accuracy_summary, evaluate, load_prompts, result_rows
+from dpolab.sampling import sequence_kl
 from dpolab.models import ModelError
-from dpolab.score import load_model_pair
+from dpolab.pair import load_model_pair
 from dpolab.stats import wilson_interval
 from tests.conftest import build_tokenizer, write_toy_pairs
 from tests.test_score import foreign_tokenizer_dir, hand_token_logps, load, other_model_dir  # noqa: F401 (fixtures)
@@ -63,6 +64,76 @@ def test_trained_policy_beats_its_untrained_reference(toy, tiny_model_dir, tmp_p
     assert untrained["accuracy"] == 0.5 and untrained["ties"] == 40  # all ties, counted half
     assert untrained["mean_margin"] == 0.0
     assert untrained["ci"] == pytest.approx(list(wilson_interval(20, 40)))
+
+
+def test_eval_takes_the_runs_lengths_and_beta_unless_given(toy, tmp_path):
+    """A run trained with max_length 10 (prompt 4) and beta 0.3 is evaluated on pairs cut as its
+    training cut them, with its beta: the same result as passing those flags; a flag given wins."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "short-run"
+    shutil.copytree(toy["run"] / "final", run / "final")
+    recorded = yaml.safe_load((toy["run"] / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**recorded, "beta": 0.3, "max_length": 10, "max_prompt_length": 4}))
+    common = dict(model=str(run), data=str(toy["heldout"]), limit=12)
+    own = evaluate(**common, output_dir=str(tmp_path / "own"))
+    assert (own["beta"], own["max_length"], own["max_prompt_length"]) == (0.3, 10, 4)
+    assert ("max length (prompt)", "10 (4)") in result_rows(own)
+    flags = evaluate(**common, beta=0.3, max_length=10, max_prompt_length=4, output_dir=str(tmp_path / "flags"))
+    assert flags["preference"] == own["preference"]
+    given = evaluate(**common, max_length=256, output_dir=str(tmp_path / "given"))
+    assert (given["beta"], given["max_length"], given["max_prompt_length"]) == (0.3, 256, 128)
+    assert given["preference"]["mean_margin"] != pytest.approx(own["preference"]["mean_margin"])  # pairs cut otherwise
+
+
+@pytest.mark.parametrize("command", ["eval", "score", "rank"])
+def test_a_model_that_cannot_load_says_so_before_its_reference(command, tmp_path, monkeypatch):
+    """A hub id with no network and no --ref-model: the user sees why the model does not load,
+    not that its reference is unknown (which follows from the first)."""
+    import huggingface_hub
+
+    from dpolab.rank import rank
+    from dpolab.score import score
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    data = write_toy_pairs(tmp_path / "pairs.jsonl", 2)
+    run = {"eval": lambda: evaluate(model="someone/some-model", data=str(data), output_dir=str(tmp_path / "out")),
+           "score": lambda: score(model="someone/some-model", data=str(data), output_dir=str(tmp_path / "out")),
+           "rank": lambda: rank(models="someone/some-model,someone/other", data=str(data), output_dir=str(tmp_path / "out"))}
+    with pytest.raises(ModelError) as error:
+        run[command]()
+    message = str(error.value)
+    assert message.startswith("someone/some-model: not a local folder") and "reference" not in message
+    assert "\n" not in message and not (tmp_path / "out").exists()
+
+
+def test_eval_and_rank_print_progress_lines_off_a_terminal(toy, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """In a log file (no terminal) the forward passes report plain lines; --progress false silences them."""
+    import dpolab.metrics
+    from dpolab.rank import rank
+
+    monkeypatch.setattr(dpolab.metrics, "PLAIN_EVERY", 0.0)  # a line per batch instead of every 10 s
+    evaluate(model=str(toy["final"]), data=str(toy["heldout"]), limit=8, batch_size=4, output_dir=str(tmp_path / "e"))
+    err = capsys.readouterr().err
+    assert "eval (reference): 2/8 pairs, " in err and "eval (policy): 8/8 pairs, " in err and " pairs/s" in err
+    rank(models=f"{tiny_model_dir},{toy['final']}", names="base,dpo", ref_model=str(tiny_model_dir), data=str(toy["heldout"]),
+         limit=4, batch_size=4, n_boot=10, output_dir=str(tmp_path / "r"))
+    err = capsys.readouterr().err
+    assert "rank base: 2/4 pairs" in err and "rank dpo (policy): 4/4 pairs" in err  # base is its own reference: one pass
+    evaluate(model=str(toy["final"]), data=str(toy["heldout"]), limit=8, progress=False, output_dir=str(tmp_path / "q"))
+    assert "pairs/s" not in capsys.readouterr().err
+
+
+def test_a_reward_model_alone_is_a_reward(tiny_model_dir, tmp_path):
+    """--reward-model without --reward is accepted, as the config says (a second, run-time check
+    refused it with "needs --reward"): the run goes on to the reward model itself."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the movie was\n")
+    with pytest.raises(ValueError, match="reward model .*missing: directory not found"):
+        evaluate(model=str(tiny_model_dir), ref_model=str(tiny_model_dir), prompts=str(prompts),
+                 reward_model=str(tmp_path / "missing"), output_dir=str(tmp_path / "out"))
 
 
 def test_accuracy_matches_hand_computed_rewards(tiny_model_dir, other_model_dir, tmp_path):

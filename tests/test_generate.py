@@ -277,7 +277,7 @@ def test_training_sees_exactly_the_sampled_tokens(tiny_model_dir, tmp_path, chat
     decoding and re-tokenising the text would give other ids."""
     from dpolab.data import load_pairs
     from dpolab.data.sampled import NOTE_OTHER_TOKENIZER
-    from dpolab.generate import sample_ids
+    from dpolab.sampling import sample_ids
     from dpolab.models import load_model, load_tokenizer
 
     _generate(tiny_model_dir, tmp_path, chat=chat, max_new_tokens=6, temperature=2.0)
@@ -308,3 +308,11 @@ def test_training_sees_exactly_the_sampled_tokens(tiny_model_dir, tmp_path, chat
                 assert ids[-1] in stops  # it stopped: training learns to stop there
     assert not_round_trip >= 1  # the text route would have trained on other ids for these
     assert cut >= 2
+
+
+def test_summary_line_counts_in_the_right_number(tiny_model_dir, tmp_path, capsys):
+    totals = _generate(tiny_model_dir, tmp_path, limit=1, num_samples=2, max_new_tokens=4)
+    out = capsys.readouterr().out
+    prompt_word = "1 prompt ->"
+    assert prompt_word in out and f"{totals['pairs']} pair{'' if totals['pairs'] == 1 else 's'} from" in out
+    assert "0 prompts already done" in out and " prompts ->" not in out

@@ -113,8 +113,28 @@ def test_write_metrics_keeps_train_steps_only(tmp_path):
 @pytest.mark.parametrize("field, value, message", [
     ("kl_coef", 0.0, "kl_coef must be > 0"),
     ("num_samples", 1, "num_samples must be >= 2"),
+    ("temperature", 0.0, "temperature must be > 0"),
     ("prompts_per_step", 5, "3 prompts, fewer than prompts_per_step 5"),
 ])
 def test_bad_settings_are_refused(field, value, message):
     with pytest.raises(ValueError, match=message):
         check(OnlineConfig(**{field: value}), ["a", "b", "c"])
+
+
+def test_shared_fields_come_from_the_option_groups():
+    """OnlineConfig writes no shared field again: model, device, sampling, optimizer and progress
+    fields are config.py's (help and checks), with its own defaults where RLOO needs them; the
+    recorded config (a finished run is reused when it matches) keeps its keys and defaults."""
+    import dataclasses
+
+    from dpolab import config
+
+    fields = {f.name: f for f in dataclasses.fields(OnlineConfig)}
+    for group, name in [(config.Runtime, "device"), (config.Sampling, "max_new_tokens"), (config.Optimizer, "max_grad_norm")]:
+        assert fields[name].metadata == group.__dataclass_fields__[name].metadata, name
+    assert dataclasses.asdict(OnlineConfig()) == {
+        "model": "default", "output_dir": "runs/rloo", "kl_coef": 0.1, "steps": 16, "prompts_per_step": 4, "num_samples": 4,
+        "max_new_tokens": 16, "temperature": 1.0, "lr": 1e-5, "max_grad_norm": 1.0, "seed": 0, "device": "auto",
+        "progress": True}
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):  # the groups' checks, at construction
+        OnlineConfig(max_new_tokens=0)

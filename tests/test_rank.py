@@ -63,6 +63,33 @@ def test_rank_checkpoints_on_pairs(toy, tiny_model_dir, tmp_path, capsys):
     assert "Bradley-Terry" in capsys.readouterr().out
 
 
+def test_rank_takes_each_runs_beta_unless_given(toy, tiny_model_dir, tmp_path):
+    """Like eval and score: each model's implicit reward uses the beta of the run it comes from
+    (its config.yaml), --beta overrides it for every model, and a bare model gets 0.1."""
+    import shutil
+
+    import yaml
+
+    other = tmp_path / "other-run"
+    shutil.copytree(toy["run"] / "final", other / "final")
+    recorded = yaml.safe_load((toy["run"] / "config.yaml").read_text())
+    (other / "config.yaml").write_text(yaml.safe_dump({**recorded, "beta": 0.25, "max_length": 48, "max_prompt_length": 0}))
+    models = f"{tiny_model_dir},{toy['final']},{other / 'final'}"
+    common = dict(models=models, names="base,dpo,dpo-b", ref_model=str(tiny_model_dir), data=str(toy["heldout"]),
+                  n_boot=20, limit=8)
+    own = rank(**common, output_dir=str(tmp_path / "own"))
+    assert [m["beta"] for m in own["models"]] == [0.1, recorded["beta"], 0.25]
+    assert json.loads((tmp_path / "own" / "rank.json").read_text())["models"][2]["beta"] == 0.25
+    given = rank(**common, beta=0.5, output_dir=str(tmp_path / "given"))
+    assert [m["beta"] for m in given["models"]] == [0.5, 0.5, 0.5]
+    # lengths too: each run's own (48 recorded with prompt limit 0 = half), 512 for the bare model, a flag for all
+    assert [(m["max_length"], m["max_prompt_length"]) for m in own["models"]] == \
+        [(512, 256), (recorded["max_length"], recorded["max_prompt_length"] or recorded["max_length"] // 2), (48, 24)]
+    flagged = rank(**common, max_length=64, output_dir=str(tmp_path / "flagged"))
+    assert [(m["max_length"], m["max_prompt_length"]) for m in flagged["models"]] == [(64, 32)] * 3
+    assert own["models"][1]["mean_score"] == own["models"][2]["mean_score"]  # same weights, other beta
+
+
 def test_rank_on_prompts_identical_models_tie(tiny_model_dir, toy, tmp_path):
     result = rank(models=f"{tiny_model_dir},{tiny_model_dir}", names="a,b", prompts=str(toy["prompts"]), limit=3,
                   reward="tests.test_evaluate:praise_reward", num_samples=2, max_new_tokens=6, n_boot=50,

@@ -8,7 +8,9 @@ import torch
 from dpolab.cli import main
 from dpolab.data.files import DataError
 from dpolab.models import ModelError
-from dpolab.score import encode, load_model_pair, score
+from dpolab.data.tokenize import encode
+from dpolab.pair import load_model_pair
+from dpolab.score import score
 from tests.conftest import build_tiny_model, build_tokenizer
 
 BETA = 0.5
@@ -183,6 +185,31 @@ def test_reference_from_the_run_config(tiny_model_dir, other_model_dir, tmp_path
     (run / "config.yaml").write_text(f"model: {tiny_model_dir}\nref_model: ''\nbeta: 0.1\n")
     pair = load_model_pair(str(run / "final"))
     assert pair.names[1] == str(tiny_model_dir) and pair.reference is not pair.policy
+
+
+def test_lengths_and_beta_come_from_the_run_unless_given(tiny_model_dir, other_model_dir, tmp_path):
+    """--max-length / --max-prompt-length / --beta default to 0 = the run's own (its config.yaml),
+    so a long row is cut where training cut it; a flag given wins; a bare model gets 512 / 0.1."""
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    for f in other_model_dir.iterdir():
+        (run / "final" / f.name).write_bytes(f.read_bytes())
+    (run / "config.yaml").write_text(f"model: {tiny_model_dir}\nbeta: 0.3\nmax_length: 20\nmax_prompt_length: 6\n")
+    rows = tmp_path / "long.jsonl"
+    prompt, response = "the movie was " * 8, " great fun" * 20
+    rows.write_text(json.dumps({"prompt": prompt, "response": response}) + "\n")
+    tokenizer = build_tokenizer()
+
+    def tokens(max_length, max_prompt_length):
+        return len(encode(prompt, response, tokenizer, max_length, max_prompt_length)[1])
+
+    own = score(model=str(run), data=str(rows), output_dir=str(tmp_path / "own"))[0]
+    assert own["tokens"] == tokens(20, 6) and own["reward"] == pytest.approx(0.3 * (own["policy_logps"] - own["reference_logps"]))
+    given = score(model=str(run), data=str(rows), max_length=40, beta=0.5, output_dir=str(tmp_path / "given"))[0]
+    assert given["tokens"] == tokens(40, 20) > own["tokens"]  # the flag wins; its prompt limit is half of it
+    assert given["reward"] == pytest.approx(0.5 * (given["policy_logps"] - given["reference_logps"]))
+    bare = score(model=str(other_model_dir), ref_model=str(tiny_model_dir), data=str(rows), output_dir=str(tmp_path / "bare"))[0]
+    assert bare["tokens"] == tokens(512, 256)
 
 
 def test_same_path_shares_one_model_and_gives_zero_rewards(tiny_model_dir, rows_file, tmp_path):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from .files import DataError, _type_name, peek_rows
 from .formats import DataReport, _blank, _Drop
-from .tokenize import _adds_bos, load_pairs
+from .tokenize import _adds_bos, encode_completions, encode_prompts, load_pairs, truncate
 
 __all__ = ["ListwiseExample", "TokenizedList", "listwise_layout", "normalise_listwise", "load_listwise"]
 
@@ -111,26 +111,23 @@ def normalise_listwise(rows, source: str) -> tuple[list[ListwiseExample], DataRe
 
 
 def tokenize_listwise(examples, tokenizer, report: DataReport, max_length: int, max_prompt_length: int) -> list[TokenizedList]:
-    """TRL's truncation rule on the longest response; EOS appended to every response."""
-    eos, bos, adds_bos = tokenizer.eos_token_id, tokenizer.bos_token_id, _adds_bos(tokenizer)
+    """The one encoding of ``tokenize.py`` (a list of two gets a pair's ids); TRL's truncation rule
+    on the longest response; EOS appended to every response."""
+    adds_bos = _adds_bos(tokenizer)
     out = []
     for ex in examples:
-        p = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
-        if adds_bos and p[:2] == [bos, bos]:
-            p = p[1:]
-        rs = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in ex.responses]
+        p = encode_prompts([ex.prompt], tokenizer)[0]
+        rs = encode_completions(ex.responses, tokenizer, [True] * len(ex.responses))
         if not p or not all(rs):
             report.drop("empty prompt" if not p else "empty completion", ex.row)
             continue
-        rs = [r + [eos] if eos is not None and r[-1] != eos else r for r in rs]
-        cut = len(p) + max(map(len, rs)) > max_length
-        if cut and len(p) > max_prompt_length:
-            p = (p[:1] + p[len(p) - (max_prompt_length - 1):]) if adds_bos and max_prompt_length > 1 else p[len(p) - max_prompt_length:]
-        room = max_length - len(p)
-        if room <= 0:
+        longest = max(rs, key=len)
+        kept = truncate(p, longest, longest, max_length, max_prompt_length, keep_first=adds_bos)
+        if kept is None:
             report.drop("prompt does not fit", ex.row)
             continue
-        report.truncated += cut
+        p, was_cut, room = kept[0], kept[3], max_length - len(kept[0])
+        report.truncated += was_cut
         out.append(TokenizedList(ex.row, list(p), [r[:room] for r in rs], ex.ranked))
     report.kept = len(out)
     return out

@@ -39,7 +39,8 @@ from .files import DataError, read_rows, source_fingerprint
 from .formats import DataReport, PreferenceExample, normalise
 from .sampled import NOTE_SAMPLER_CUT, fingerprint, pick_ids
 
-__all__ = ["TokenizedPair", "render", "tokenize_examples", "truncate", "load_pairs", "split_eval"]
+__all__ = ["TokenizedPair", "render", "render_prompt", "render_reply", "encode_prompts",
+           "encode_completions", "encode", "tokenize_examples", "truncate", "load_pairs", "split_eval"]
 
 CACHE_VERSION = 3  # bump when the tokenisation rules change, so old caches are not reused
 
@@ -56,6 +57,31 @@ def _has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def render_prompt(prompt, tokenizer, chat: bool = False) -> str:
+    """The text a prompt is tokenised from: a text as it is (with ``chat``: as one user message);
+    messages through the chat template with its generation prompt. DataError without a template."""
+    if isinstance(prompt, str) and chat:
+        prompt = [{"role": "user", "content": prompt}]
+    if isinstance(prompt, str):
+        return prompt
+    if not _has_chat_template(tokenizer):
+        raise DataError(f"conversational prompts need a tokenizer with a chat template; "
+                        f"{getattr(tokenizer, 'name_or_path', 'this tokenizer')} has none")
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def render_reply(prompt: list, prompt_text: str, messages: list, tokenizer, cut: bool = False) -> str | None:
+    """The completion text of ``messages`` after a conversational prompt: the rest of the full render
+    (so it ends with the template's end of turn); None when the prompt render is not its prefix.
+    ``cut``: the reply was cut by the sampler's length limit, so it ends with its last sampled text."""
+    full = tokenizer.apply_chat_template(list(prompt) + list(messages), tokenize=False)
+    if not full.startswith(prompt_text):
+        return None
+    completion = full[len(prompt_text):]
+    end = completion.rfind(messages[-1]["content"]) if cut else -1
+    return completion[: end + len(messages[-1]["content"])] if end >= 0 else completion
+
+
 def render(example: PreferenceExample, tokenizer) -> tuple[str, str, str] | None:
     """``(prompt_text, chosen_text, rejected_text)`` for one example; None on a template prefix mismatch.
 
@@ -65,20 +91,56 @@ def render(example: PreferenceExample, tokenizer) -> tuple[str, str, str] | None
     """
     if isinstance(example.prompt, str):
         return example.prompt, example.chosen, example.rejected
-    if not _has_chat_template(tokenizer):
-        raise DataError(f"row {example.row}: field 'prompt': conversational data needs a tokenizer with "
-                        f"a chat template; {getattr(tokenizer, 'name_or_path', 'this tokenizer')} has none")
-    prompt_text = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
-    completions = []
-    for messages, cut in zip((example.chosen, example.rejected), example.truncated):
-        full = tokenizer.apply_chat_template(example.prompt + messages, tokenize=False)
-        if not full.startswith(prompt_text):
+    try:
+        prompt_text = render_prompt(example.prompt, tokenizer)
+    except DataError as e:
+        raise DataError(f"row {example.row}: field 'prompt': {e}") from None
+    completions = [render_reply(example.prompt, prompt_text, messages, tokenizer, cut)
+                   for messages, cut in zip((example.chosen, example.rejected), example.truncated)]
+    return None if None in completions else (prompt_text, completions[0], completions[1])
+
+
+def encode_prompts(texts: list[str], tokenizer) -> list[list[int]]:
+    """Rendered prompt texts -> ids, the one rule every command uses: special tokens added (a BOS
+    where the tokenizer adds one), and a BOS the chat template also wrote removed."""
+    ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+    if not _adds_bos(tokenizer):
+        return ids
+    bos = tokenizer.bos_token_id
+    return [p[1:] if p[:2] == [bos, bos] else p for p in ids]
+
+
+def encode_completions(texts: list[str], tokenizer, add_eos: list[bool]) -> list[list[int]]:
+    """Completion texts -> ids (no special tokens); EOS appended where ``add_eos`` says so (whole
+    text responses) unless the text already ends with it or the tokenizer has none."""
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return [c + [eos] if add and eos is not None and c and c[-1] != eos else c for c, add in zip(ids, add_eos)]
+
+
+def encode(prompt, completion: str, tokenizer, max_length: int = 1024, max_prompt_length: int = 512,
+           full_response: bool = True) -> tuple[list[int], list[int]] | None:
+    """(prompt_ids, completion_ids) of one response exactly as ``tokenize_examples`` builds a pair's;
+    None if the template cannot render it or nothing fits (training drops such rows).
+
+    prompt: text, or messages (the response becomes the assistant's reply). full_response: the
+    completion is a whole response, so it ends with EOS (text) or the template's end of turn
+    (messages); False for sampled text scored as it was generated (as a sampler-cut reply).
+    """
+    prompt_text = render_prompt(prompt, tokenizer)
+    if isinstance(prompt, str):
+        completion_text = completion
+    else:
+        completion_text = render_reply(prompt, prompt_text, [{"role": "assistant", "content": completion}],
+                                       tokenizer, cut=not full_response)
+        if completion_text is None:
             return None
-        completion = full[len(prompt_text):]
-        end = completion.rfind(messages[-1]["content"]) if cut else -1
-        # a reply cut by the sampler's length limit ends with its last sampled text, not end-of-turn
-        completions.append(completion[: end + len(messages[-1]["content"])] if end >= 0 else completion)
-    return prompt_text, completions[0], completions[1]
+    p = encode_prompts([prompt_text], tokenizer)[0]
+    c = encode_completions([completion_text], tokenizer, [full_response and isinstance(prompt, str)])[0]
+    if not p or not c:
+        return None
+    cut = truncate(p, c, c, max_length, max_prompt_length, keep_first=_adds_bos(tokenizer))
+    return None if cut is None else (list(cut[0]), list(cut[1]))
 
 
 def _adds_bos(tokenizer) -> bool:
@@ -150,27 +212,23 @@ def tokenize_examples(examples: Sequence[PreferenceExample], tokenizer, report: 
         return []
     prompts, chosens, rejecteds = (list(t) for t in zip(*texts))
     # Batch calls: the fast tokenizer parallelises and avoids per-call Python overhead.
-    p_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-    c_ids = tokenizer(chosens, add_special_tokens=False)["input_ids"]
-    r_ids = tokenizer(rejecteds, add_special_tokens=False)["input_ids"]
-    bos, eos, adds_bos = tokenizer.bos_token_id, tokenizer.eos_token_id, _adds_bos(tokenizer)
+    p_ids = encode_prompts(prompts, tokenizer)
+    text = [isinstance(ex.prompt, str) for ex in examples]  # EOS only after whole text completions
+    c_ids = encode_completions(chosens, tokenizer, [t and not ex.truncated[0] for t, ex in zip(text, examples)])
+    r_ids = encode_completions(rejecteds, tokenizer, [t and not ex.truncated[1] for t, ex in zip(text, examples)])
+    adds_bos = _adds_bos(tokenizer)
     pairs = []
     fp = fingerprint(tokenizer) if any(ex.sampled is not None for ex in examples) else {}
     for ex, p, c, r in zip(examples, p_ids, c_ids, r_ids):
         sampled = pick_ids(ex.sampled, fp, report)
         if sampled is not None:  # exactly what was sampled: a stop token iff the sampler drew one
             p, c, r = sampled
-        elif adds_bos and p[:2] == [bos, bos]:  # the chat template wrote BOS too
-            p = p[1:]
         if not p:  # nothing to predict the first completion token from
             report.drop("empty prompt", ex.row)
             continue
         if not c or not r:
             report.drop("empty completion", ex.row)
             continue
-        if isinstance(ex.prompt, str) and eos is not None and sampled is None:  # not after a sampler's cut
-            c = c if c[-1] == eos or ex.truncated[0] else c + [eos]
-            r = r if r[-1] == eos or ex.truncated[1] else r + [eos]
         cut = truncate(p, c, r, max_length, max_prompt_length, keep_first=adds_bos)
         if cut is None:
             report.drop("prompt does not fit", ex.row)

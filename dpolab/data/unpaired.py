@@ -22,7 +22,7 @@ import jinja2
 
 from .files import DataError, _type_name, peek_rows
 from .formats import DataReport, _blank, _Drop, _messages, _no_content
-from .tokenize import _adds_bos, load_pairs, truncate
+from .tokenize import _adds_bos, encode_completions, encode_prompts, load_pairs, render_prompt, render_reply, truncate
 
 __all__ = ["UnpairedExample", "TokenizedCompletion", "is_unpaired", "normalise_unpaired", "tokenize_unpaired",
            "load_unpaired"]
@@ -101,19 +101,22 @@ def normalise_unpaired(rows, source: str, prompt_column: str = "prompt") -> tupl
 
 
 def _render(example: UnpairedExample, tokenizer) -> tuple[str, str] | None:
+    """(prompt text, completion text) as pairs render them (``tokenize.render``); None on a prefix mismatch."""
+    try:
+        prompt_text = render_prompt(example.prompt, tokenizer)
+    except DataError as e:
+        raise DataError(f"row {example.row}: field 'prompt': {e}") from None
     if isinstance(example.prompt, str):
-        return example.prompt, example.completion
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"row {example.row}: field 'prompt': conversational data needs a tokenizer with a chat template")
-    prompt_text = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(example.prompt + example.completion, tokenize=False)
-    return (prompt_text, full[len(prompt_text):]) if full.startswith(prompt_text) else None
+        return prompt_text, example.completion
+    completion = render_reply(example.prompt, prompt_text, example.completion, tokenizer)
+    return None if completion is None else (prompt_text, completion)
 
 
 def tokenize_unpaired(examples, tokenizer, report: DataReport, max_length: int, max_prompt_length: int) -> list[TokenizedCompletion]:
-    """Tokenise and truncate (TRL's rule, as for pairs); updates ``report`` (drops, truncated, kept)."""
+    """Tokenise (the one encoding of ``tokenize.py``: a pair's chosen side gets the same ids) and
+    truncate (TRL's rule, as for pairs); updates ``report`` (drops, truncated, kept)."""
     out = []
-    eos, bos, adds_bos = tokenizer.eos_token_id, tokenizer.bos_token_id, _adds_bos(tokenizer)
+    adds_bos = _adds_bos(tokenizer)
     for ex in examples:
         try:
             texts = _render(ex, tokenizer)
@@ -123,15 +126,11 @@ def tokenize_unpaired(examples, tokenizer, report: DataReport, max_length: int, 
         if texts is None:
             report.drop("template prefix mismatch", ex.row)
             continue
-        p = tokenizer(texts[0], add_special_tokens=True)["input_ids"]
-        c = tokenizer(texts[1], add_special_tokens=False)["input_ids"]
-        if adds_bos and p[:2] == [bos, bos]:
-            p = p[1:]
+        p = encode_prompts([texts[0]], tokenizer)[0]
+        c = encode_completions([texts[1]], tokenizer, [isinstance(ex.prompt, str)])[0]  # EOS after a text completion
         if not p or not c:
             report.drop("empty prompt" if not p else "empty completion", ex.row)
             continue
-        if isinstance(ex.prompt, str) and eos is not None and c[-1] != eos:
-            c = c + [eos]
         cut = truncate(p, c, c, max_length, max_prompt_length, keep_first=adds_bos)
         if cut is None:
             report.drop("prompt does not fit", ex.row)

@@ -35,11 +35,13 @@ from pathlib import Path
 from ..config import LabelNoiseConfig, add_arguments, resolve
 from ..data import load_pairs
 from ..evaluate import accuracy_summary, pair_rewards
-from ..generate import generate, prompt_text, sample
+from ..generate import generate
 from ..models import cache_dir
+from ..pair import load_model_pair
+from ..prompts import prompt_text
 from ..report import pyplot
 from ..rewards import load_reward
-from ..score import load_model_pair
+from ..sampling import sample
 from ..stats import mean_se
 from ..train import train
 

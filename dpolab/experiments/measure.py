@@ -6,7 +6,7 @@ reference gives identical samples) and scored with the true reward. A point hold
 
 - reward: mean true reward of its samples, with its standard error;
 - KL: the sequence-level estimate E_{y~pi}[log pi(y|x) - log pi_ref(y|x)] from the same samples
-  (dpolab.evaluate.sequence_kl), with its SE; for best-of-N the analytic bound log N - (N-1)/N;
+  (dpolab.sampling.sequence_kl), with its SE; for best-of-N the analytic bound log N - (N-1)/N;
 - win rate vs the reference: sample j against the reference's sample j of the same prompt, ties half;
 - preference accuracy: held-out pairs (best vs worst of the reference's best-of-N samples, labelled
   by the true reward) ordered correctly by the implicit reward beta*(log pi - log pi_ref), ties half.
@@ -20,51 +20,30 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..generate import SampleProgress, encode_prompt, make_pairs, prompt_text, sample_ids
+from ..evaluate import accuracy_summary, pair_rewards
+from ..generate import as_messages, as_reply, make_pairs
+from ..metrics import ItemProgress
+from ..pair import ModelPair, load_reference  # noqa: F401 (load_reference: the experiment loads its reference here)
+from ..prompts import prompt_text
+from ..sampling import draw as draw_samples, sequence_kl as samples_kl
+from ..stats import mean_se, win_rate
 
 
-@dataclass
-class Reference:
-    """The frozen reference model, kept loaded for sampling and for every KL estimate."""
-
-    model: object
-    tokenizer: object
-    device: object
-    name: str
-
-
-def load_reference(name: str, device: str = "auto") -> Reference:
-    from ..models import load_tokenizer, pick_device
-    from ..score import load_frozen
-
-    dev = pick_device(device)
-    return Reference(load_frozen(name, dev), load_tokenizer(name), dev, name)
-
-
-def draw(model, ref: Reference, prompts: list, n: int, cfg, reward_fn) -> dict:
-    """n samples per prompt from `model` and their true rewards.
+def draw(model, ref: ModelPair, prompts: list, n: int, cfg, reward_fn) -> dict:
+    """n samples per prompt from `model` (the reference's tokenizer, seed cfg.seed + 1) and their true rewards.
 
     Returns {"samples": [[str]], "rewards": [[float]], "ids": [[(prompt_ids, completion_ids)]]}:
     the ids are exactly the sampled tokens (stop token excluded), for the KL estimate.
     """
-    with SampleProgress(len(prompts) * n, cfg.progress) as bar:
-        ids = sample_ids(model, ref.tokenizer, prompts, num_samples=n, max_new_tokens=cfg.max_new_tokens,
-                         temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed + 1,
-                         batch_size=cfg.gen_batch_size, chat=cfg.chat, on_batch=bar.advance)
-    samples = [[ref.tokenizer.decode(c, skip_special_tokens=True) for c in row] for row in ids]
-    flat_rewards = reward_fn([prompt_text(p) for p in prompts for _ in range(n)], [c for row in samples for c in row])
-    rewards = [[float(r) for r in flat_rewards[i * n : (i + 1) * n]] for i in range(len(prompts))]
-    prompt_ids = [encode_prompt(p, ref.tokenizer, cfg.chat) for p in prompts]
-    return {"samples": samples, "rewards": rewards, "ids": [[(prompt_ids[i], c) for c in row] for i, row in enumerate(ids)]}
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    from ..stats import mean_se as _mean_se
-
-    return _mean_se(values)
+    with ItemProgress("samples", len(prompts) * n, "sample", cfg.progress, transient=False) as bar:
+        drawn = draw_samples(model, ref.tokenizer, prompts, num_samples=n, max_new_tokens=cfg.max_new_tokens,
+                             temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed + 1,
+                             batch_size=cfg.gen_batch_size, chat=cfg.chat, on_batch=bar.advance)
+    rewards = reward_fn([prompt_text(p) for p in prompts for _ in range(n)], drawn.texts)
+    return {"samples": drawn.by_prompt(drawn.texts), "rewards": drawn.by_prompt([float(r) for r in rewards]),
+            "ids": drawn.by_prompt(list(zip(drawn.prompt_ids, drawn.completion_ids)))}
 
 
 def point(name: str, kind: str, rewards: list[float], **extra) -> dict:
@@ -106,8 +85,6 @@ def best_of_n_points(ref_draw: dict, ns: list[int], eval_samples: int) -> list[d
 
 def held_out_pairs(prompts: list, ref_draw: dict, eval_samples: int, path: Path, chat: bool) -> Path:
     """Best-vs-worst pairs of the reference's best-of-N samples, labelled by the true reward."""
-    from ..generate import as_messages, as_reply
-
     rows = []
     for i, (p, samples, rewards) in enumerate(zip(prompts, ref_draw["samples"], ref_draw["rewards"])):
         pool, scores = samples[eval_samples:], rewards[eval_samples:]
@@ -121,7 +98,7 @@ def held_out_pairs(prompts: list, ref_draw: dict, eval_samples: int, path: Path,
 
 
 # ----------------------------------------------------------------------------- trained policies
-def measure_policy(name: str, kind: str, policy, ref: Reference, prompts: list, ref_draw: dict, reward_fn, cfg,
+def measure_policy(name: str, kind: str, policy, ref: ModelPair, prompts: list, ref_draw: dict, reward_fn, cfg,
                    beta: float | None, eval_pairs, **extra) -> dict:
     """Sample the policy on the held-out prompts and turn it into a frontier point."""
     n = cfg.eval_samples
@@ -130,8 +107,6 @@ def measure_policy(name: str, kind: str, policy, ref: Reference, prompts: list, 
     pair = model_pair(policy, ref, name)
     kl_mean, kl_se = sequence_kl(pair, drawn["ids"], cfg.eval_batch_size)
     paired_ref = [r for row in ref_draw["rewards"] for r in row[:n]]
-    from ..stats import win_rate
-
     wins = win_rate(flat_rewards, paired_ref)
     accuracy = preference_accuracy(pair, eval_pairs, beta or 1.0, cfg.eval_batch_size) if eval_pairs else {}
     return point(name, kind, flat_rewards, kl=kl_mean, kl_se=kl_se, kl_from="samples", beta=beta,
@@ -140,32 +115,25 @@ def measure_policy(name: str, kind: str, policy, ref: Reference, prompts: list, 
                  example_rewards=[row[0] for row in drawn["rewards"]], **extra)
 
 
-def model_pair(policy, ref: Reference, name: str):
-    from ..score import ModelPair
-
-    return ModelPair(policy, ref.model, ref.tokenizer, ref.device, False, (name, ref.name))
+def model_pair(policy, ref: ModelPair, name: str) -> ModelPair:
+    """`policy` measured against the experiment's reference (fp32)."""
+    return ref.with_policy(policy, name)
 
 
 def sequence_kl(pair, ids: list[list[tuple]], batch_size: int) -> tuple[float, float]:
     """Mean and SE of log pi(y|x) - log pi_ref(y|x) over the policy's own samples (fp32, sampled token ids)."""
-    from ..evaluate import sequence_kl as _sequence_kl
-
     flat = [item for row in ids for item in row]
-    out = _sequence_kl(pair, [p for p, _ in flat], [c for _, c in flat], batch_size)
+    out = samples_kl(pair, [p for p, _ in flat], [c for _, c in flat], batch_size)
     return out["mean"], out["se"]
 
 
 def preference_accuracy(pair, tokenized_pairs, beta: float, batch_size: int) -> dict:
-    from ..evaluate import accuracy_summary, pair_rewards
-
     chosen, rejected = pair_rewards(pair, tokenized_pairs, beta, batch_size)
     return accuracy_summary(chosen, rejected)
 
 
 def prompt_margins(pair, tokenized_pairs, prompt_index: list[int], beta: float, batch_size: int) -> dict[int, float]:
     """Smallest implicit-reward margin beta*h per prompt over its pairs (for active sampling)."""
-    from ..evaluate import pair_rewards
-
     chosen, rejected = pair_rewards(pair, tokenized_pairs, beta, batch_size)
     margins: dict[int, float] = {}
     for i, m in zip(prompt_index, (chosen - rejected).tolist()):

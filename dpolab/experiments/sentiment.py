@@ -40,7 +40,7 @@ from ..models import bf16_default, pick_device, resolve_model_path
 from ..online import OnlineConfig, rloo
 from ..reference import model_identity
 from ..report import build_report, table
-from ..score import load_frozen
+from ..pair import load_frozen
 from ..train import sft, train
 from ..unlikelihood import UnlikelihoodConfig, train_unlikelihood
 from .claims import CLAIM_COLUMNS, claim_rows, paper_claims
@@ -217,10 +217,10 @@ def sft_stage(cfg: ExperimentConfig, out: Path) -> str:
 def reference_draw(cfg: ExperimentConfig, ref, eval_prompts: list, reward_fn) -> dict:
     """The reference's samples on the held-out prompts (cached): eval_samples + max(N) per prompt."""
     n = cfg.eval_samples + max(best_of(cfg) or [2])
-    path = stages_dir(cfg) / f"reference-{key(model_key(ref.name), eval_prompts, n, sampling(cfg), cfg.seed)}.json"
+    path = stages_dir(cfg) / f"reference-{key(model_key(ref.names[1]), eval_prompts, n, sampling(cfg), cfg.seed)}.json"
     if path.exists():
         return json.loads(path.read_text(encoding="utf-8"))
-    drawn = draw(ref.model, ref, eval_prompts, n, cfg, reward_fn)
+    drawn = draw(ref.reference, ref, eval_prompts, n, cfg, reward_fn)
     drawn.pop("ids")  # the reference's KL to itself is 0: its token ids are not needed
     path.write_text(json.dumps(drawn, ensure_ascii=False), encoding="utf-8")
     return drawn
@@ -352,7 +352,7 @@ def iterate(cfg, spec, run_dir, pairs, train_prompts, ref, eval_prompts, ref_dra
         round_spec = {**spec, "name": f"{spec['name']} round {r}", "kind": "dpo-round", "dir": f"{spec['dir']}-round{r}",
                       "round": r}
         with clock(f"train {round_spec['name']}"):
-            run_dir = train_policy(round_spec, policy, ref.name, pairs, cfg, out / round_spec["dir"])
+            run_dir = train_policy(round_spec, policy, ref.names[1], pairs, cfg, out / round_spec["dir"])
         with clock(f"measure {round_spec['name']}"):
             points.append(measure_run(round_spec, run_dir, ref, eval_prompts, ref_draw, reward_fn, cfg, eval_pairs,
                                       active=cfg.active, sampled_prompts=len(prompts), samples_per_prompt=k))

@@ -65,3 +65,25 @@ def test_tokenised_lists_share_one_prompt_and_pairs_become_lists_of_two(tmp_path
     pairs = write(tmp_path / "p.jsonl", [{"prompt": "human : hi ? assistant :", "chosen": " good", "rejected": " bad"}])
     (two,), _ = load_listwise(str(pairs), tok, max_length=64, max_prompt_length=32)
     assert len(two.response_ids) == 2 and two.ranked == 1
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+@pytest.mark.parametrize("max_length, max_prompt_length", [(256, 128), (10, 6)])
+def test_a_list_of_two_gets_the_ids_of_a_pair(tmp_path, add_bos, max_length, max_prompt_length):
+    """One prompt encoding (data/tokenize.py): a ranked list [a, b] tokenises and truncates as the
+    pair (chosen a, rejected b) does (BOS rule, EOS, TRL's truncation on the longest response)."""
+    from dpolab.data.tokenize import load_pairs
+    from tests.conftest import write_toy_pairs
+    from tests.data.conftest import make_tokenizer
+
+    tok = make_tokenizer(add_bos=add_bos)
+    pair_file = write_toy_pairs(tmp_path / "p.jsonl", 30, seed=4)
+    pairs = [json.loads(x) for x in pair_file.read_text().splitlines()]
+    lists = write(tmp_path / "l.jsonl", [{"prompt": p["prompt"], "responses": [p["rejected"], p["chosen"]], "ranking": [2, 1]}
+                                         for p in pairs])
+    kw = dict(max_length=max_length, max_prompt_length=max_prompt_length)
+    expected = {p.row: (p.prompt_ids, [p.chosen_ids, p.rejected_ids]) for p in load_pairs(str(pair_file), tok, **kw)[0]}
+    got, report = load_listwise(str(lists), tok, **kw)
+    got = {t.row: (t.prompt_ids, t.response_ids) for t in got}
+    assert len(expected) >= 25 and {r: got[r] for r in expected} == expected
+    assert (report.truncated > 0) == (max_length < 100)

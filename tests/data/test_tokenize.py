@@ -12,7 +12,7 @@ from dpolab.data.files import DataError
 from dpolab.data.formats import DataReport, PreferenceExample
 from dpolab.data.tokenize import TokenizedPair, load_pairs, render, split_eval, tokenize_examples, truncate
 
-from .conftest import make_tokenizer
+from .conftest import CHATML, make_tokenizer
 
 
 def msg(role, content):
@@ -241,3 +241,41 @@ def test_hh_with_smollm2_tokenizer(hh_file):
     ex = PreferenceExample(1, [msg("user", "hi")], [msg("assistant", "yo")], [msg("assistant", "no")])
     (pair,), _ = run([ex], tok)
     assert tok.decode(pair.chosen_ids) == "yo<|im_end|>\n"
+
+
+# ----------------------------------------------------------------------------- one prompt encoding
+PROMPTS = {
+    "text": "Human: how do I bake bread? Assistant:",
+    "chat": [msg("user", "how do I bake bread?")],
+    "multi-turn": [msg("user", "tell me a joke"), msg("assistant", "Why did the chicken cross the road?"),
+                   msg("user", "why?")],
+}
+
+
+@pytest.mark.parametrize("bos", ["none", "tokenizer", "tokenizer+template", "template"])
+@pytest.mark.parametrize("case", list(PROMPTS))
+@pytest.mark.parametrize("max_length, max_prompt_length", [(1024, 512), (16, 7)], ids=["whole", "truncated"])
+def test_training_score_and_sampling_encode_a_prompt_alike(bos, case, max_length, max_prompt_length):
+    """The ids `dpolab train`/`eval` (tokenize_examples), `dpolab score` (encode) and the sampler
+    (encode_prompt) give the same (prompt, completion) are identical, BOS and truncation included."""
+    from dpolab.data.tokenize import encode
+    from dpolab.prompts import encode_prompt
+
+    template = ("{{ bos_token }}" + CHATML) if bos.endswith("template") else CHATML
+    adds_bos = bos.startswith("tokenizer")
+    tok = make_tokenizer(add_bos=adds_bos, chat_template=template)
+    prompt, chosen, rejected = PROMPTS[case], "Sure, mix flour, water, salt and yeast.", "I am sorry, I can not help."
+    reply = (lambda t: t) if isinstance(prompt, str) else (lambda t: [msg("assistant", t)])
+    [pair], report = run([PreferenceExample(1, prompt, reply(chosen), reply(rejected))], tok, max_length, max_prompt_length)
+    assert encode(prompt, chosen, tok, max_length, max_prompt_length) == (pair.prompt_ids, pair.chosen_ids)
+    assert encode(prompt, rejected, tok, max_length, max_prompt_length) == (pair.prompt_ids, pair.rejected_ids)
+    whole = encode_prompt(prompt, tok)
+    if max_length == 1024:
+        assert report.truncated == 0 and whole == pair.prompt_ids
+    else:  # the kept prompt is the end of the whole one (after its BOS, which truncation keeps)
+        assert report.truncated == 1 and len(pair.prompt_ids) <= max_prompt_length < len(whole)
+        assert whole[len(whole) - (max_prompt_length - adds_bos):] == pair.prompt_ids[adds_bos:]
+    if adds_bos:  # exactly one BOS, first, even when the template writes one too or the prompt is cut
+        assert pair.prompt_ids.count(tok.bos_token_id) == 1 and pair.prompt_ids[0] == tok.bos_token_id
+    if isinstance(prompt, str):  # chat=True wraps a text as one user message, as training does the messages
+        assert encode_prompt(prompt, tok, chat=True) == encode_prompt([msg("user", prompt)], tok)

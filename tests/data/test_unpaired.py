@@ -69,3 +69,32 @@ def test_text_completions_get_eos_and_pairs_are_split(tmp_path):
     pairs = write(tmp_path / "p.jsonl", [{"prompt": "human : hi ? assistant :", "chosen": " good", "rejected": " bad"}])
     split, _ = load_unpaired(str(pairs), tok, max_length=64, max_prompt_length=32)
     assert [e.label for e in split] == [True, False] and split[0].prompt_ids == split[1].prompt_ids
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+@pytest.mark.parametrize("max_length, max_prompt_length", [(256, 128), (10, 6)])
+def test_an_unpaired_row_gets_the_ids_of_a_pairs_chosen_side(tmp_path, add_bos, max_length, max_prompt_length):
+    """One prompt encoding (data/tokenize.py): a completion tokenises and truncates as the chosen
+    side of a pair does (BOS rule, EOS, TRL's truncation), text and conversational alike."""
+    from dpolab.data.tokenize import load_pairs
+    from tests.conftest import write_toy_pairs
+    from tests.data.conftest import make_tokenizer
+
+    tok = make_tokenizer(add_bos=add_bos)
+    pairs = [json.loads(x) for x in write_toy_pairs(tmp_path / "p.jsonl", 30, seed=3).read_text().splitlines()]
+    rows = [{"prompt": p["prompt"], "chosen": p["chosen"] + " and more", "rejected": " ok"} for p in pairs]
+    rows += [{"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+              "rejected": [{"role": "assistant", "content": "ok"}]} for r in rows[:10]]
+    for r in rows:  # the text rows and the conversational ones each in a file of their own format
+        r["kind"] = "text" if isinstance(r["prompt"], str) else "chat"
+    for kind in ("text", "chat"):
+        mine = [r for r in rows if r["kind"] == kind]
+        pair_file = write(tmp_path / f"{kind}-pairs.jsonl", [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in mine])
+        unpaired_file = write(tmp_path / f"{kind}-u.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"], "label": True}
+                                                              for r in mine])
+        kw = dict(max_length=max_length, max_prompt_length=max_prompt_length)
+        expected = {p.row: (p.prompt_ids, p.chosen_ids) for p in load_pairs(str(pair_file), tok, **kw)[0]}
+        unpaired, report = load_unpaired(str(unpaired_file), tok, **kw)
+        got = {u.row: (u.prompt_ids, u.completion_ids) for u in unpaired}
+        assert len(expected) == len(mine) and got == expected
+        assert (report.truncated > 0) == (max_length < 100)  # the short limit really cuts
