@@ -38,14 +38,13 @@ from .data.unpaired import load_unpaired
 from .data.collate import Layout, batch_tokens, collate, collate_pairs, to_device
 from .losses import LossParams, PairLogps, compute_loss, needs_reference
 from .logprobs import forward_logps, sequence_logps
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, counted
 from .models import (add_lora, bf16_default, cache_dir, load_model, load_tokenizer, resolve_model_path, round_to_bf16,
                      same_tokenizer)
 from .ref_sync import ReferenceSync
 from . import displacement, distributed, kto, length_desensitize, listwise, reference as ref
 from . import safety
 from .errors import TrainingError
-from .wording import plural
 
 
 @dataclass
@@ -311,8 +310,8 @@ def data_summary(source: str, report, n_train: int, n_eval: int, limit: int = 0)
     dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items())) or "none"
     used = f"first {limit} used: " if limit else ""
     notes = "".join(f", {n} {what}" for what, n in sorted(getattr(report, "notes", {}).items()))
-    return (f"data {source}: {plural(report.rows_read, 'row')}, {report.kept} kept, dropped: {dropped}, "
-            f"{report.truncated} truncated{notes}; {used}{n_train} train / {plural(n_eval, 'eval pair')}")
+    return (f"data {source}: {counted(report.rows_read, 'row')}, {report.kept} kept, dropped: {dropped}, "
+            f"{report.truncated} truncated{notes}; {used}{n_train} train / {counted(n_eval, 'eval pair')}")
 
 
 def build_policy(cfg, run: Run):
@@ -342,8 +341,8 @@ def build_reference(cfg: TrainConfig, run: Run):
     if cfg.ref_model:
         return _frozen(cfg.ref_model, cfg, run)
     if cfg.lora:
-        return "adapter"
-    return "initial" if cfg.precompute_ref else _frozen(cfg.model, cfg, run)
+        return ref.ADAPTER
+    return ref.INITIAL if cfg.precompute_ref else _frozen(cfg.model, cfg, run)
 
 
 def finish_reference(cfg: TrainConfig, run: Run, policy, reference, pairs):
@@ -355,7 +354,7 @@ def finish_reference(cfg: TrainConfig, run: Run, policy, reference, pairs):
         reference = distributed.prepare_frozen(reference, acc)
     if reference is None or not cfg.precompute_ref:
         return reference
-    source = policy if isinstance(reference, str) and reference == "initial" else reference
+    source = policy if ref.kind(reference) == "initial" else reference
     identity = ref.model_identity(resolve_model_path(cfg.ref_model or cfg.model)) + f";bf16={run.bf16};mp={acc.mixed_precision}"
     path = cache_dir() / "reference" / f"{ref.fingerprint(pairs, identity, cfg.packing)}.safetensors"
     compute = lambda: ref.compute_all(  # noqa: E731
@@ -385,7 +384,7 @@ def fit(run: Run, model, train_idx: list[int], eval_idx: list[int], objective, m
     per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes
     steps_per_epoch = len(train_idx) // per_step
     if steps_per_epoch == 0:
-        raise TrainingError(f"{plural(len(train_idx), 'training pair')} is fewer than one step's {per_step} "
+        raise TrainingError(f"{counted(len(train_idx), 'training pair')} is fewer than one step's {per_step} "
                             "(batch_size x grad_accum x processes)")
     total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     optimizer, scheduler = make_optimizer(cfg, model, total)
@@ -522,7 +521,7 @@ def _bad_step(run: Run, counters: dict, indices) -> None:
     rows = f"rows {sorted(run.pair_rows[i] for i in indices)} of {run.cfg.data}" if run.pair_rows else f"pairs {sorted(indices)}"
     if counters["bad_steps"] > run.cfg.max_bad_steps:
         raise TrainingError(
-            f"{plural(counters['bad_steps'], 'step')} had a non-finite loss or gradient (limit --max-bad-steps "
+            f"{counted(counters['bad_steps'], 'step')} had a non-finite loss or gradient (limit --max-bad-steps "
             f"{run.cfg.max_bad_steps}); last at step {counters['step'] + 1}, {rows}"
         )
     run.accelerator.print(f"warning: non-finite loss or gradient at step {counters['step'] + 1}; step skipped ({rows})")

@@ -271,3 +271,12 @@ def test_resume_elsewhere_names_the_relative_data_path(tmp_path, monkeypatch):
     for ok in (TrainConfig(data="pairs.jsonl", resume=True), TrainConfig(data="someone/prefs", resume=True),
                TrainConfig(data="gone.jsonl", resume=False)):
         _check_resumed_paths(ok, Path("runs/x"))  # found / a hub name / not a resume: nothing to say
+
+
+def test_data_line_of_a_one_row_file_says_row_and_pair():
+    from dpolab.train import data_summary
+
+    class Report:
+        rows_read, kept, truncated, dropped, notes = 1, 1, 0, {}, {}
+
+    assert data_summary("x.jsonl", Report(), 0, 1) == "data x.jsonl: 1 row, 1 kept, dropped: none, 0 truncated; 0 train / 1 eval pair"
