@@ -32,6 +32,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .config import PAIR_STRATEGIES as STRATEGIES, GenerateConfig, resolve
+from .data.files import json_lines
 from .data.sampled import fingerprint, row_fields
 from .metrics import ItemProgress, counted
 from .models import bf16_default, load_model, load_tokenizer, pick_device
@@ -204,13 +205,13 @@ def resume_state(out: Path, current: dict, overwrite: bool) -> set[int]:
         out.write_text("")
         log.write_text(json.dumps({"settings": current}) + "\n")
         return set()
-    records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [json.loads(line) for line in json_lines(log)]
     if not records or records[0].get("settings") != current:
         changed = sorted(k for k in current if not records or records[0].get("settings", {}).get(k) != current[k])
         raise ValueError(f"{out} was generated with other settings ({', '.join(changed)}): "
                          "pass --overwrite to start over or choose another --output")
     done = {r["prompt_index"] for r in records[1:] if "prompt_index" in r}
-    rows = [line for line in out.read_text(encoding="utf-8").splitlines() if line.strip()] if out.exists() else []
+    rows = json_lines(out) if out.exists() else []
     kept = [line for line in rows if json.loads(line).get("prompt_index") in done]
     if len(kept) != len(rows):  # rows of a prompt interrupted before it was marked done
         out.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

@@ -181,7 +181,8 @@ def _clock(seconds: float) -> str:
 
 def _drop_after(path: Path, step: int) -> None:
     """Keep only records up to `step` (atomically), so a resumed run logs each step once."""
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    # split at "\n" only: splitlines() would also split inside a string at U+2028 (data/files.json_lines)
+    kept = [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip() and json.loads(line)["step"] <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)

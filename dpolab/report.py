@@ -28,6 +28,7 @@ import yaml
 
 from . import displacement
 from .config import ReportConfig, names_list, resolve
+from .data.files import json_lines
 from .evaluate import result_rows
 from .rank import RANK_COLUMNS, ranking_rows, win_matrix_png
 from .score import ATTRIBUTION_CSS, attribution_html
@@ -103,7 +104,7 @@ def load_run(path: Path) -> dict:
 def read_jsonl(path: Path) -> list[dict]:
     """Records of a JSON Lines file; an unreadable line (a run killed mid-write) is skipped."""
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in json_lines(path):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:

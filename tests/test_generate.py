@@ -316,3 +316,19 @@ def test_summary_line_counts_in_the_right_number(tiny_model_dir, tmp_path, capsy
     prompt_word = "1 prompt ->"
     assert prompt_word in out and f"{totals['pairs']} pair{'' if totals['pairs'] == 1 else 's'} from" in out
     assert "0 prompts already done" in out and " prompts ->" not in out
+
+
+def test_resume_keeps_a_row_whose_text_holds_a_unicode_line_separator(tmp_path):
+    # json.dumps(ensure_ascii=False) leaves U+2028 raw; str.splitlines() would split the row in
+    # two and the resume would fail to parse it (the demo's sampler produced one such completion)
+    from dpolab.data.files import json_lines
+    from dpolab.generate import progress_path, resume_state
+
+    out = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "p", "chosen": "a\u2028b", "rejected": "c", "prompt_index": 0},
+            {"prompt": "q", "chosen": "d", "rejected": "e\u0085f", "prompt_index": 1}]
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    progress_path(out).write_text(json.dumps({"settings": {"seed": 0}}) + "\n" + json.dumps({"prompt_index": 0}) + "\n")
+    assert len(json_lines(out)) == 2
+    assert resume_state(out, {"seed": 0}, overwrite=False) == {0}
+    assert [json.loads(line) for line in json_lines(out)] == rows[:1]  # prompt 1 was not marked done

@@ -34,10 +34,17 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["DataError", "read_rows"]
+__all__ = ["DataError", "json_lines", "read_rows"]
 
 # Suffixes that mean "this is a file path", so a missing one is "file not found", not a hub name.
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz", ".json.gz", ".csv.gz")
+
+
+def json_lines(path) -> list[str]:
+    """The non-blank lines of a JSON Lines file we wrote. Split at "\\n" only: `str.splitlines()`
+    also splits at U+2028, U+2029 and U+0085, which `json.dumps(ensure_ascii=False)` leaves raw
+    inside strings (a sampled completion held one and was counted as two rows)."""
+    return [line for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 class DataError(ValueError):

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from ..config import LabelNoiseConfig, add_arguments, resolve
 from ..data import load_pairs
+from ..data.files import json_lines
 from ..evaluate import accuracy_summary, pair_rewards
 from ..generate import generate
 from ..models import cache_dir
@@ -87,7 +88,7 @@ def make_pairs(cfg: LabelNoiseConfig, out: Path) -> tuple[list[dict], list[dict]
     generate(model=cfg.model, prompts=cfg.prompts, limit=cfg.train_prompts + cfg.eval_prompts, output=str(pairs_file),
              reward=cfg.reward, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
              pair_strategy="best-vs-worst", flip_rate=0.0, progress=cfg.progress)
-    rows = [json.loads(line) for line in pairs_file.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in json_lines(pairs_file)]
     held = [r for r in rows if r["prompt_index"] < cfg.eval_prompts]
     return [r for r in rows if r["prompt_index"] >= cfg.eval_prompts], held
 

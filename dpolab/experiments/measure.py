@@ -25,7 +25,7 @@ from pathlib import Path
 from ..evaluate import accuracy_summary, pair_rewards
 from ..generate import as_messages, as_reply, make_pairs
 from ..metrics import ItemProgress
-from ..pair import ModelPair, load_reference  # noqa: F401 (load_reference: the experiment loads its reference here)
+from ..pair import ModelPair
 from ..prompts import prompt_text
 from ..sampling import draw as draw_samples, sequence_kl as samples_kl
 from ..stats import mean_se, win_rate

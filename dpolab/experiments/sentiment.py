@@ -34,13 +34,14 @@ import yaml
 
 from ..config import ExperimentConfig, SweepConfig, _parse_bool, best_of, betas, kl_coefs, names_list, resolve
 from ..data import load_pairs
+from ..data.files import json_lines
 from ..generate import GenerateConfig, as_messages, generate, read_prompts, reward_from_config
 from ..metrics import print_table
 from ..models import bf16_default, pick_device, resolve_model_path
 from ..online import OnlineConfig, rloo
 from ..reference import model_identity
 from ..report import build_report, table
-from ..pair import load_frozen
+from ..pair import load_frozen, load_reference
 from ..train import sft, train
 from ..unlikelihood import UnlikelihoodConfig, train_unlikelihood
 from .claims import CLAIM_COLUMNS, claim_rows, paper_claims
@@ -49,7 +50,6 @@ from .measure import (
     best_of_n_points,
     draw,
     held_out_pairs,
-    load_reference,
     measure_policy,
     model_pair,
     prompt_margins,
@@ -247,7 +247,7 @@ def generate_pairs(cfg: ExperimentConfig, model: str, prompts: list, indices: li
 
 
 def count_lines(path: Path) -> int:
-    return sum(1 for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+    return len(json_lines(path))
 
 
 def tokenized_pairs(path: Path, tokenizer) -> list:
@@ -363,7 +363,7 @@ def iterate(cfg, spec, run_dir, pairs, train_prompts, ref, eval_prompts, ref_dra
 def active_prompts(cfg, beta: float, policy: str, ref, pairs: Path, indices: list[int], total: int) -> list[int]:
     """Training-prompt indices with the smallest implicit-reward margins under `policy` on the last
     round's pairs; prompts that gave no pair (ties) count as margin 0, not yet decided."""
-    rows = [json.loads(line) for line in pairs.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [json.loads(line) for line in json_lines(pairs)]
     tokenized = tokenized_pairs(pairs, ref.tokenizer)
     by_line = {n + 1: row for n, row in enumerate(rows)}
     prompt_of = [indices[by_line[p.row]["prompt_index"]] for p in tokenized]
