@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "pairs/s")
+SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "reward", "kl", "pairs/s")  # reward, kl: online RL
 
 
 class MetricsLogger:

@@ -22,17 +22,17 @@ config.yaml, metrics.jsonl), so the experiment measures it like every other poli
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import yaml
 from datasets import Dataset
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
 from .config import ModelOptions, Optimizer, Options, Progress, Runtime, Sampling, like, opt
-from .metrics import counted
-from .models import load_model, load_tokenizer
+from .metrics import MetricsLogger, counted
+from .models import load_model, load_tokenizer, peft_quietly
 from .prompts import prompt_text
 
 # TRL's log keys -> dpolab's metrics.jsonl keys (the report draws these curves)
@@ -58,7 +58,7 @@ class OnlineConfig(Options):
     max_grad_norm: float = like(Optimizer, "max_grad_norm")
     seed: int = like(Sampling, "seed", help="Seed of prompt order, sampling and initialisation.")
     device: str = like(Runtime, "device")
-    progress: bool = like(Progress, "progress", help="Show TRL's progress bar.")
+    progress: bool = like(Progress, "progress", help="Show a progress bar (on a terminal; plain step lines elsewhere).")
 
 
 def rloo(cfg: OnlineConfig, prompts: list, reward_fn) -> Path:
@@ -84,11 +84,31 @@ def rloo(cfg: OnlineConfig, prompts: list, reward_fn) -> Path:
     model = load_model(cfg.model)
     trainer = RLOOTrainer(model=model, reward_funcs=reward, args=trl_args(cfg, use_cpu), processing_class=tokenizer,
                           train_dataset=Dataset.from_dict({"prompt": list(prompts)}))
-    trainer.train()
+    # dpolab's own metrics.jsonl, TensorBoard and progress lines instead of TRL's printed dicts
+    logger = MetricsLogger(out, cfg.steps, 0, enabled=True, progress=cfg.progress)
+    for printer in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(printer)
+    trainer.add_callback(_ToMetrics(logger))
+    try:
+        with peft_quietly():  # TRL reads the same deprecated transformers attribute as peft
+            trainer.train()
+    finally:
+        logger.close()
     trainer.save_model(str(out / "final"))
     tokenizer.save_pretrained(str(out / "final"))
-    write_metrics(out / "metrics.jsonl", trainer.state.log_history)
+    logger.summary(f"dpolab rloo: {out}")
     return out
+
+
+class _ToMetrics(TrainerCallback):
+    """TRL's per-step logs, renamed to dpolab's keys, into a MetricsLogger."""
+
+    def __init__(self, logger: MetricsLogger):
+        self.logger = logger
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "reward" in logs:  # a training step's log (not the end-of-run summary)
+            self.logger.log(state.global_step, metric_values(logs))
 
 
 def check(cfg: OnlineConfig, prompts: list) -> None:
@@ -116,17 +136,13 @@ def trl_args(cfg: OnlineConfig, use_cpu: bool):
         max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0, top_k=0,
         max_steps=cfg.steps, learning_rate=cfg.lr, lr_scheduler_type="linear", warmup_steps=0,
         max_grad_norm=cfg.max_grad_norm, beta=cfg.kl_coef, num_iterations=1, normalize_advantages=False,
-        logging_steps=1, save_strategy="no", activation_checkpointing=False, report_to=[], disable_tqdm=not cfg.progress,
+        logging_steps=1, save_strategy="no", activation_checkpointing=False, report_to=[], disable_tqdm=True,
         log_completions=False, dataloader_num_workers=0)
 
 
-def write_metrics(path: Path, log_history: list[dict]) -> None:
-    """TRL's per-step logs as dpolab metrics.jsonl lines (`dpolab report` draws them)."""
-    lines = []
-    for i, entry in enumerate(e for e in log_history if "reward" in e):
-        values = {ours: float(entry[theirs]) for theirs, ours in LOG_KEYS.items() if theirs in entry}
-        lines.append(json.dumps({"step": entry.get("step", i + 1), "split": "train", **values}))
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+def metric_values(logs: dict) -> dict:
+    """One TRL log entry in dpolab's metric names (`dpolab report` draws them)."""
+    return {ours: float(logs[theirs]) for theirs, ours in LOG_KEYS.items() if theirs in logs}
 
 
 def _yaml(values: dict) -> str:

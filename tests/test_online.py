@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from dpolab.online import OnlineConfig, check, rloo, trl_args, write_metrics
+from dpolab.online import OnlineConfig, check, metric_values, rloo, trl_args
 
 PROMPT = "the movie was"
 
@@ -78,10 +78,14 @@ def test_rloo_approaches_the_kl_regularised_optimum_on_a_bandit(tiny_model_dir, 
     assert low_reward > high_reward
 
 
-def test_rloo_writes_dpolab_run_layout(tiny_model_dir, tmp_path):
+def test_rloo_writes_dpolab_run_layout(tiny_model_dir, tmp_path, capsys):
     cfg = OnlineConfig(model=str(tiny_model_dir), output_dir=str(tmp_path / "run"), kl_coef=0.1, steps=2,
                        prompts_per_step=2, num_samples=2, max_new_tokens=4, lr=1e-3, device="cpu", progress=False)
     run_dir = rloo(cfg, ["the movie was", "i watched it and", "this film is"], letter_e)
+    # dpolab's plain step lines (not a terminal here), not TRL's printed dicts
+    err = capsys.readouterr().err
+    assert "[train] step 1/2 loss=" in err and " reward=" in err and "{'loss'" not in err
+    assert (run_dir / "tensorboard").is_dir()
     assert (run_dir / "final" / "config.json").exists() and (run_dir / "final" / "tokenizer.json").exists()
     import yaml
 
@@ -100,14 +104,9 @@ def test_trl_settings_keep_the_paper_objective():
     assert args.activation_checkpointing is False and args.bf16 is False
 
 
-def test_write_metrics_keeps_train_steps_only(tmp_path):
-    history = [{"loss": 0.1, "reward": 0.5, "kl": 0.01, "learning_rate": 1e-5, "step": 1},
-               {"loss": 0.2, "reward": 0.6, "kl": 0.02, "learning_rate": 5e-6, "step": 2},
-               {"train_runtime": 3.0, "step": 2}]
-    write_metrics(tmp_path / "m.jsonl", history)
-    lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
-    assert lines == [{"step": 1, "split": "train", "loss": 0.1, "reward": 0.5, "kl": 0.01, "lr": 1e-5},
-                     {"step": 2, "split": "train", "loss": 0.2, "reward": 0.6, "kl": 0.02, "lr": 5e-6}]
+def test_trl_logs_become_dpolab_metrics():
+    entry = {"loss": 0.1, "reward": 0.5, "kl": 0.01, "learning_rate": 1e-5, "completions/mean_length": 16.0, "epoch": 0.1}
+    assert metric_values(entry) == {"loss": 0.1, "reward": 0.5, "kl": 0.01, "lr": 1e-5, "completion_length": 16.0}
 
 
 @pytest.mark.parametrize("field, value, message", [
