@@ -19,12 +19,13 @@ import argparse
 import dataclasses
 import difflib
 import importlib
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from .perms import atomic_path
 
 BASELINES = ("preferred-ft", "unlikelihood", "ipo", "cdpo")  # trained baselines of `dpolab experiment`
 EXPERIMENTS = ("sentiment",)
@@ -692,6 +693,5 @@ def save(cfg, path: Path, notes: dict | None = None) -> None:
     text = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
     for key, note in (notes or {}).items():
         text = "".join(f"{line.rstrip()}  # {note}\n" if line.startswith(f"{key}:") else line for line in text.splitlines(True))
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text if text.endswith("\n") else text + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")

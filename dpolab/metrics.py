@@ -6,13 +6,14 @@ Only the main process writes or draws; other ranks get a logger that does nothin
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from .perms import atomic_path
 
 SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "reward", "kl", "pairs/s")  # reward, kl: online RL
 
@@ -183,6 +184,5 @@ def _drop_after(path: Path, step: int) -> None:
     """Keep only records up to `step` (atomically), so a resumed run logs each step once."""
     # split at "\n" only: splitlines() would also split inside a string at U+2028 (data/files.json_lines)
     kept = [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

@@ -18,7 +18,6 @@ gathering them, which inference tensors refuse.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from .data.collate import collate_pairs, to_device
 from .distributed import main_decides, rounds
 from .logprobs import pair_logps
 from .pair import ADAPTER
+from .perms import atomic_path
 
 INITIAL = "initial"  # the policy itself before training: a reference until --precompute-ref caches it
 
@@ -141,10 +141,8 @@ def cached(path: Path, compute, accelerator=None) -> torch.Tensor:
             return hit
         values = acc.reduce(compute().to(acc.device), "sum").cpu()
     if acc is None or acc.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"logps": values.contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({"logps": values.contiguous()}, str(tmp))
     if acc is not None:
         acc.wait_for_everyone()
     return values

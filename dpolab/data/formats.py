@@ -40,12 +40,10 @@ ROW'S CONTENT is a drop):
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
-from ..perms import public
+from ..perms import atomic_path
 from .files import DataError, _type_name
 from .sampled import SampledIds, parse_sampled
 
@@ -104,20 +102,8 @@ class DataReport:
 
     def write(self, path) -> None:
         """Write the report as JSON, atomically (a reader never sees a half-written file)."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".report-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
-                f.write("\n")
-            public(tmp)  # mkstemp made it 0600
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 class _Drop(Exception):

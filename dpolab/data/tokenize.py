@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +32,7 @@ from pathlib import Path
 import jinja2
 import numpy as np
 
-from ..perms import public
+from ..perms import atomic_path
 from .files import DataError, read_rows, source_fingerprint
 from .formats import DataReport, PreferenceExample, normalise
 from .sampled import NOTE_SAMPLER_CUT, fingerprint, pick_ids
@@ -286,16 +284,8 @@ def save_cache(path: Path, pairs: list[TokenizedPair], report: DataReport) -> No
               "report": np.array(json.dumps(report.to_dict()))}
     for name in ("prompt", "chosen", "rejected"):
         arrays[f"{name}_ids"], arrays[f"{name}_offsets"] = _flat([getattr(p, f"{name}_ids") for p in pairs])
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".pairs-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        public(tmp)  # mkstemp made it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def load_cache(path: Path) -> tuple[list[TokenizedPair], DataReport] | None:
