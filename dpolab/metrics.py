@@ -122,7 +122,7 @@ class ItemProgress:
 
     def __init__(self, label: str, total: int, unit: str = "pair", enabled: bool = True, transient: bool = True):
         self.label, self.total, self.unit, self.enabled, self.transient = label, total, unit, enabled, transient
-        self.done, self.lines, self.bar = 0, 0, None
+        self.done, self.lines, self.bar, self.shown = 0, 0, None, -1
 
     def __enter__(self):
         self.console = Console(stderr=True)
@@ -148,12 +148,12 @@ class ItemProgress:
 
     def _line(self) -> None:
         print(self.plain_line(), file=self.console.file, flush=True)
-        self.lines, self.last = self.lines + 1, time.monotonic()
+        self.lines, self.last, self.shown = self.lines + 1, time.monotonic(), self.done
 
     def __exit__(self, *exc):
         if self.bar is not None:
             self.bar.stop()
-        elif self.lines and exc[0] is None:  # the end of a pass long enough to have been reported
+        elif self.lines and exc[0] is None and self.shown != self.done:  # a reported pass's end, once
             self._line()
         return False
 

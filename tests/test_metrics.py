@@ -12,10 +12,18 @@ def test_plain_lines_when_not_a_terminal(capsys, monkeypatch):
         for n in (4, 4, 2):
             bar.advance(n)
     lines = capsys.readouterr().err.splitlines()
-    assert [line.split(",")[0] for line in lines] == ["eval: 4/10 pairs", "eval: 8/10 pairs", "eval: 10/10 pairs",
-                                                      "eval: 10/10 pairs"]  # the last: the pass ended
+    assert [line.split(",")[0] for line in lines] == ["eval: 4/10 pairs", "eval: 8/10 pairs", "eval: 10/10 pairs"]
     assert re.fullmatch(r"eval: 4/10 pairs, [\d.e+]+ pairs/s, eta \d+:\d\d:\d\d", lines[0])
     assert "eta" not in lines[-1]
+
+
+def test_the_end_of_a_reported_pass_is_told_once(capsys, monkeypatch):
+    monkeypatch.setattr(dpolab.metrics, "PLAIN_EVERY", 0.0)
+    with ItemProgress("eval", 10, "pair") as bar:
+        bar.advance(4)
+        monkeypatch.setattr(dpolab.metrics, "PLAIN_EVERY", 1e9)  # the last batch comes before the next line is due
+        bar.advance(6)
+    assert [line.split(",")[0] for line in capsys.readouterr().err.splitlines()] == ["eval: 4/10 pairs", "eval: 10/10 pairs"]
 
 
 def test_quiet_when_disabled_or_short(capsys, monkeypatch):
