@@ -30,6 +30,7 @@ from .metrics import ItemProgress, counted, print_table
 from .models import cache_dir, load_tokenizer, run_config
 from .pair import load_frozen, load_model_pair
 from .prompts import load_prompts, prompt_text, read_prompts  # noqa: F401 (load_prompts re-exported)
+from .reference import fingerprint
 from .rewards import reward_from_config
 from .sampling import autocast_factory, draw, sequence_kl, settings
 from .stats import mean_se, outcomes, proportion_interval, win_rate
@@ -59,10 +60,19 @@ def evaluate(cfg: EvalConfig | None = None, **overrides) -> dict:
 
 
 # ----------------------------------------------------------------------------- preference accuracy
-def pair_rewards(pair, pairs, beta: float, batch_size: int, packing: bool = True, label: str = ""):
+def pair_rewards(pair, pairs, beta: float, batch_size: int, packing: bool = True, label: str = "",
+                 reference_cache: dict | None = None):
     """Implicit rewards of TokenizedPairs: (chosen_rewards (B,), rejected_rewards (B,)) float64 numpy.
-    `label`: show the forward passes' progress under this name ("" = none)."""
-    policy_token_logps, reference_token_logps = pair.pair_token_logps(pairs, batch_size, packing, label)
+    `label`: show the forward passes' progress under this name ("" = none). `reference_cache`: a
+    dict kept across model pairs (rank), so a reference shared by several policies, on the same
+    token ids, batch size and precision, runs once."""
+    key = None
+    if reference_cache is not None:
+        key = fingerprint(pairs, f"{pair.names[1]};bf16={pair.bf16};batch={batch_size}", packing)
+    policy_token_logps, reference_token_logps = pair.pair_token_logps(
+        pairs, batch_size, packing, label, reference_cache.get(key) if key else None)
+    if key:
+        reference_cache[key] = reference_token_logps
     policy_logps = np.array([float(t.double().sum()) for t in policy_token_logps])
     reference_logps = np.array([float(t.double().sum()) for t in reference_token_logps])
     rewards = beta * (policy_logps - reference_logps)

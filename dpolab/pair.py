@@ -80,18 +80,21 @@ class ModelPair:
         run = lambda model, advance: batched_token_logps(model, items, self, batch_size, packing, advance)  # noqa: E731
         return self._both(run, len(items), label, "sequence")
 
-    def pair_token_logps(self, pairs, batch_size: int, packing: bool = True, label: str = ""):
+    def pair_token_logps(self, pairs, batch_size: int, packing: bool = True, label: str = "", reference_token_logps=None):
         """TokenizedPairs -> (policy, reference) per-token logps of [every chosen..., every rejected...],
-        the training fast path: each prompt computed once for both completions (prefix sharing)."""
+        the training fast path: each prompt computed once for both completions (prefix sharing).
+        `reference_token_logps`: the reference's, when already computed (rank: runs sharing one)."""
         run = lambda model, advance: batched_pair_token_logps(model, pairs, self, batch_size, packing, advance)  # noqa: E731
-        return self._both(run, len(pairs), label, "pair")
+        return self._both(run, len(pairs), label, "pair", reference_token_logps)
 
-    def _both(self, run, total: int, label: str, unit: str):
-        """`run(model, advance)` on the reference, then on the policy (once when they are one model)."""
+    def _both(self, run, total: int, label: str, unit: str, reference_token_logps=None):
+        """`run(model, advance)` on the reference (unless given), then on the policy (once when
+        they are one model)."""
         one = self.reference is self.policy  # one model asked to be its own reference: rewards are 0
-        with self.reference_model() as reference, \
-                ItemProgress(label if one else f"{label} (reference)", total, unit, bool(label)) as bar:
-            reference_token_logps = run(reference, bar.advance)
+        if reference_token_logps is None:
+            with self.reference_model() as reference, \
+                    ItemProgress(label if one else f"{label} (reference)", total, unit, bool(label)) as bar:
+                reference_token_logps = run(reference, bar.advance)
         if one:
             return reference_token_logps, reference_token_logps
         with ItemProgress(f"{label} (policy)", total, unit, bool(label)) as bar:

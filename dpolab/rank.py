@@ -75,11 +75,12 @@ def pair_scores(models: list[str], runs: list[RankConfig], names: list[str]):
     those its run was trained with (its config.yaml, as eval and score do; `config.from_run`).
     (A tie needs equal rewards, so the beta changes which pairs count as ties only through
     rounding; it is recorded in rank.json with the lengths.)"""
-    per_model = []
+    per_model, reference_cache = [], {}  # runs of one base share its reference pass
     for path, cfg, name in zip(models, runs, names):
         pair = load_model_pair(path, cfg.ref_model, device=cfg.device, bf16=cfg.bf16, trust_remote_code=cfg.trust_remote_code)
         pairs = load_eval_pairs(cfg.data, pair.tokenizer, cfg)
-        chosen, rejected = pair_rewards(pair, pairs, cfg.beta, cfg.batch_size, cfg.packing, progress_label(cfg, f"rank {name}"))
+        chosen, rejected = pair_rewards(pair, pairs, cfg.beta, cfg.batch_size, cfg.packing, progress_label(cfg, f"rank {name}"),
+                                        reference_cache)
         per_model.append(dict(zip([p.row for p in pairs], outcomes(chosen, rejected))))
         del pair
     rows = sorted(set.intersection(*(set(m) for m in per_model)))  # tokenizers may drop different rows

@@ -110,3 +110,20 @@ def test_bad_input(kw, error, message, tiny_model_dir, toy, tmp_path):
     args["models"] = args["models"].replace("A", str(tiny_model_dir)).replace("B", str(toy["final"]))
     with pytest.raises(error, match=message):
         rank(**args)
+
+
+def test_runs_sharing_a_reference_compute_it_once(toy, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import dpolab.metrics
+
+    monkeypatch.setattr(dpolab.metrics, "PLAIN_EVERY", 0.0)  # a progress line per batch
+    twin = tmp_path / "twin"
+    shutil.copytree(toy["final"], twin)
+    result = rank(models=f"{toy['final']},{twin}", names="dpo,twin", ref_model=str(tiny_model_dir),
+                  data=str(toy["heldout"]), n_boot=20, limit=8, output_dir=str(tmp_path / "r"))
+    err = capsys.readouterr().err
+    assert "rank dpo (reference)" in err and "rank twin (reference)" not in err  # reused for the twin
+    assert "rank dpo (policy)" in err and "rank twin (policy)" in err
+    dpo, twin_result = result["models"]
+    assert twin_result["mean_score"] == dpo["mean_score"] and result["wins"][0][1] == result["wins"][1][0]
