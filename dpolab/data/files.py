@@ -290,7 +290,7 @@ def _read_folder(source: str, split: str) -> Iterator[tuple[int, dict]]:
 def _read_hub(source: str, split: str) -> Iterator[tuple[int, dict]]:
     import datasets  # why: as in _read_folder
 
-    from ..hub import hub_dataset_problem
+    from ..hub import hub_dataset_problem  # why: huggingface_hub loads only for a hub dataset name
 
     problem = hub_dataset_problem(source)  # seconds, not load_dataset's retries, when it cannot load
     if problem:
