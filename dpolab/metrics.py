@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .data.files import json_lines
 from .perms import atomic_path
 
 SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "reward", "kl", "pairs/s")  # reward, kl: online RL
@@ -122,7 +123,7 @@ class ItemProgress:
 
     def __init__(self, label: str, total: int, unit: str = "pair", enabled: bool = True, transient: bool = True):
         self.label, self.total, self.unit, self.enabled, self.transient = label, total, unit, enabled, transient
-        self.done, self.lines, self.bar, self.shown = 0, 0, None, -1
+        self.done, self.bar, self.shown = 0, None, None  # shown: the count of the last plain line
 
     def __enter__(self):
         self.console = Console(stderr=True)
@@ -148,12 +149,12 @@ class ItemProgress:
 
     def _line(self) -> None:
         print(self.plain_line(), file=self.console.file, flush=True)
-        self.lines, self.last, self.shown = self.lines + 1, time.monotonic(), self.done
+        self.last, self.shown = time.monotonic(), self.done
 
     def __exit__(self, *exc):
         if self.bar is not None:
             self.bar.stop()
-        elif self.lines and exc[0] is None and self.shown != self.done:  # a reported pass's end, once
+        elif self.shown is not None and self.shown != self.done and exc[0] is None:  # a reported pass's end, once
             self._line()
         return False
 
@@ -182,7 +183,6 @@ def _clock(seconds: float) -> str:
 
 def _drop_after(path: Path, step: int) -> None:
     """Keep only records up to `step` (atomically), so a resumed run logs each step once."""
-    # split at "\n" only: splitlines() would also split inside a string at U+2028 (data/files.json_lines)
-    kept = [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip() and json.loads(line)["step"] <= step]
+    kept = [line for line in json_lines(path) if json.loads(line)["step"] <= step]
     with atomic_path(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
