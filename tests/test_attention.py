@@ -68,20 +68,24 @@ def test_units_cover_segments_with_their_visibility():
         assert not want[start : start + size, :start].any() and not want[start : start + size, start + size :].any()
 
 
+def kernel_logps_and_grads(monkeypatch, kernel: str, make_model, batch):
+    """Log-probs of `batch` under one segment kernel and the gradients of their sum (a fresh model)."""
+    monkeypatch.setenv("DPOLAB_SEGMENT_KERNEL", kernel)
+    model = make_model().train()
+    logps = forward_logps(model, batch)
+    logps.sum().backward()
+    return logps, {n: p.grad for n, p in model.named_parameters()}
+
+
 def test_unit_kernel_matches_loop_with_gradients(tokenizer, monkeypatch):
     """One masked SDPA call per unit gives the loop's log-probs and gradients (fp32, CPU)."""
     pairs = multi_turn_pairs(tokenizer, 5, 3, max_length=120, max_prompt_length=64) + edge_pairs()
     batch = collate_pairs(pairs, tokenizer.pad_token_id, Layout(True, True, True))
-    grads, logps = {}, {}
-    for name in ("loop", "unit"):
-        monkeypatch.setenv("DPOLAB_SEGMENT_KERNEL", name)
-        model = tiny(len(tokenizer)).train()
-        logps[name] = forward_logps(model, batch)
-        logps[name].sum().backward()
-        grads[name] = {n: p.grad for n, p in model.named_parameters()}
-    torch.testing.assert_close(logps["unit"], logps["loop"], atol=1e-5, rtol=1e-5)
-    for n, g in grads["loop"].items():
-        torch.testing.assert_close(grads["unit"][n], g, atol=1e-5, rtol=1e-4, msg=n)
+    loop_logps, loop_grads = kernel_logps_and_grads(monkeypatch, "loop", lambda: tiny(len(tokenizer)), batch)
+    unit_logps, unit_grads = kernel_logps_and_grads(monkeypatch, "unit", lambda: tiny(len(tokenizer)), batch)
+    torch.testing.assert_close(unit_logps, loop_logps, atol=1e-5, rtol=1e-5)
+    for n, g in loop_grads.items():
+        torch.testing.assert_close(unit_grads[n], g, atol=1e-5, rtol=1e-4, msg=n)
 
 
 def test_long_units_take_the_loop_by_default(tokenizer, monkeypatch):
@@ -124,13 +128,8 @@ def test_flex_gradients_match_loop_on_cuda(tokenizer, monkeypatch):
     pairs = multi_turn_pairs(tokenizer, 5, 3, max_length=120, max_prompt_length=64)
     batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v
              for k, v in collate_pairs(pairs, tokenizer.pad_token_id, Layout(True, True, True)).items()}
-    grads, logps = {}, {}
-    for name in ("loop", "flex"):
-        monkeypatch.setenv("DPOLAB_SEGMENT_KERNEL", name)
-        model = tiny(len(tokenizer)).cuda().train()
-        logps[name] = forward_logps(model, batch)
-        logps[name].sum().backward()
-        grads[name] = {n: p.grad for n, p in model.named_parameters()}
-    torch.testing.assert_close(logps["flex"], logps["loop"], atol=1e-4, rtol=1e-4)
-    for n, g in grads["loop"].items():
-        torch.testing.assert_close(grads["flex"][n], g, atol=1e-4, rtol=1e-3, msg=n)
+    loop_logps, loop_grads = kernel_logps_and_grads(monkeypatch, "loop", lambda: tiny(len(tokenizer)).cuda(), batch)
+    flex_logps, flex_grads = kernel_logps_and_grads(monkeypatch, "flex", lambda: tiny(len(tokenizer)).cuda(), batch)
+    torch.testing.assert_close(flex_logps, loop_logps, atol=1e-4, rtol=1e-4)
+    for n, g in loop_grads.items():
+        torch.testing.assert_close(flex_grads[n], g, atol=1e-4, rtol=1e-3, msg=n)
