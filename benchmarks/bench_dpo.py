@@ -6,8 +6,10 @@
 Each run is a fresh subprocess (peak resident memory is its own); the parent prepares the data,
 measures plain matmul peaks in the same invocation and prints one table. Both tools get the same
 text (split by dpolab's data layer), the same order of pairs (TRL with a sequential sampler over
-dpolab's shuffled order), linear decay without warm-up, one epoch, no checkpoints, and must
-report a first-step loss of ln 2; the per-step losses of matching runs are compared.
+dpolab's shuffled order), linear decay without warm-up, one epoch, no checkpoints, the trained
+model saved at the end (the job a user runs), and must report a first-step loss of ln 2; the
+per-step losses of matching runs are compared. The forward-only (eval path) timing of a dpolab
+run happens in a process of its own afterwards, outside its whole-process time.
 
 Timed: the reference pass plus the training loop (model loading and tokenisation excluded for
 both). Useful FLOPs = 6 N T (policy) + 2 N T (reference), N = all parameters, T = the real
@@ -21,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -87,13 +90,17 @@ def main(argv=None) -> int:
                 spec = dict(name=name, case=case, rep=rep, model=model_path, device=device, batch_size=batch_size,
                             max_length=max_length, lr=args.lr, beta=args.beta, seed=args.seed, data=data,
                             work=str(work / f"{case}-{name}-{rep}"), params=data["params"], threads=args.threads)
-                results.append({**run_worker(spec, args.timeout), "peaks": peaks})
+                result = run_worker(spec, args.timeout)
+                if spec["name"].startswith("dpolab") and "error" not in result:  # after, in a process of its own
+                    result["eval_s"] = run_worker({**spec, "phase": "eval"}, args.timeout).get("eval_s", math.nan)
+                results.append({**result, "peaks": peaks})
                 print(row(results[-1], data, peaks), flush=True)
     print()
     print(table(results))
     if args.out:
         Path(args.out).write_text(json.dumps({"peaks": peaks, "device": device_name(device), "bf16_units": cpu_bf16(),
                                               "results": results}, indent=1))
+    shutil.rmtree(work, ignore_errors=True)  # the runs' models and caches: gigabytes per invocation
     return 0
 
 
@@ -352,6 +359,9 @@ def worker(spec: dict) -> int:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     tool, precision, precompute, checkpointing, ftz = RUNS[spec["name"]]
+    if spec.get("phase") == "eval":
+        print("RESULT " + json.dumps({"eval_s": time_eval_path(spec, precision == "bf16", Path(spec["work"]) / "final")}))
+        return 0
     if tool == "trl" and ftz:
         torch.set_flush_denormal(True)
     result = (run_trl if tool == "trl" else run_dpolab)(spec, precision == "bf16", precompute, checkpointing, ftz)
@@ -414,8 +424,7 @@ def run_dpolab(spec: dict, bf16: bool, precompute: bool, checkpointing: bool, ft
     losses = [h["loss"] for h in result["history"] if h.get("split", "train") == "train" and "loss" in h]
     return {"ref_s": ref_timer.seconds, "train_s": fit_timer.seconds - ref_timer.seconds - save_timer.seconds,
             "ref_cpu_s": ref_timer.cpu, "train_cpu_s": fit_timer.cpu - ref_timer.cpu - save_timer.cpu,
-            "losses": losses, "steps": result["steps"], "step_s": step_timer.laps,
-            "eval_s": time_eval_path(spec, bf16, Path(spec["work"]) / "final")}
+            "save_s": save_timer.seconds, "losses": losses, "steps": result["steps"], "step_s": step_timer.laps}
 
 
 def time_eval_path(spec: dict, bf16: bool, model_dir: Path) -> float:
@@ -460,12 +469,14 @@ def run_trl(spec: dict, bf16: bool, precompute: bool, checkpointing: bool, ftz: 
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[step_times := StepTimes(spec["device"])])
     tokens = sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in trainer.train_dataset)
-    train_timer = Timer(spec["device"])
+    train_timer, save_timer = Timer(spec["device"]), Timer(spec["device"])
     with train_timer:
         trainer.train()
+    with save_timer:  # like dpolab's final/: the trained model and its tokenizer
+        trainer.save_model(str(Path(spec["work"]) / "final"))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"ref_s": ref_timer.seconds, "train_s": train_timer.seconds, "ref_cpu_s": ref_timer.cpu,
-            "train_cpu_s": train_timer.cpu, "losses": losses, "steps": trainer.state.global_step, "trl_real_tokens": tokens,
+            "train_cpu_s": train_timer.cpu, "save_s": save_timer.seconds, "losses": losses, "steps": trainer.state.global_step, "trl_real_tokens": tokens,
             "step_s": step_times.laps}
 
 

@@ -32,7 +32,7 @@ from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
 from .config import ModelOptions, Optimizer, Options, Progress, Runtime, Sampling, like, opt
 from .metrics import MetricsLogger, counted
-from .models import load_model, load_tokenizer, peft_quietly
+from .models import load_model, load_tokenizer, own_weights, peft_quietly
 from .prompts import prompt_text
 
 # TRL's log keys -> dpolab's metrics.jsonl keys (the report draws these curves)
@@ -82,6 +82,7 @@ def rloo(cfg: OnlineConfig, prompts: list, reward_fn) -> Path:
     use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model)
+    own_weights(model)  # see models.own_weights: the first update would otherwise fault page by page
     trainer = RLOOTrainer(model=model, reward_funcs=reward, args=trl_args(cfg, use_cpu), processing_class=tokenizer,
                           train_dataset=Dataset.from_dict({"prompt": list(prompts)}))
     # dpolab's own metrics.jsonl, TensorBoard and progress lines instead of TRL's printed dicts

@@ -39,8 +39,8 @@ from .data.collate import Layout, batch_tokens, collate, collate_pairs, to_devic
 from .losses import LossParams, PairLogps, compute_loss, needs_reference
 from .logprobs import forward_logps, sequence_logps
 from .metrics import MetricsLogger, counted
-from .models import (add_lora, bf16_default, cache_dir, load_model, load_tokenizer, resolve_model_path, round_to_bf16,
-                     same_tokenizer)
+from .models import (add_lora, bf16_default, cache_dir, load_model, load_tokenizer, own_weights, resolve_model_path,
+                     round_to_bf16, same_tokenizer)
 from .ref_sync import ReferenceSync
 from . import displacement, distributed, kto, length_desensitize, listwise, reference as ref
 from . import safety
@@ -326,6 +326,7 @@ def build_policy(cfg, run: Run):
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    own_weights(model)  # not the checkpoint file's pages: see models.own_weights
     if run.bf16:  # fp32 master weights on bf16 values: see models.round_to_bf16 (ties amplify small updates)
         round_to_bf16(model)
     # FSDP and DeepSpeed place (and shard) the weights in `prepare`: a full copy on one device

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import HH_PATH
-from dpolab.models import ModelError, default_model_path, load_model, load_tokenizer, resolve_model_path, same_tokenizer
+from dpolab.models import (ModelError, default_model_path, load_model, load_tokenizer, own_weights, resolve_model_path,
+                           same_tokenizer)
 
 
 def test_missing_model_dir_is_a_clear_error(tmp_path):
@@ -25,6 +28,33 @@ def test_same_tokenizer(tiny_model_dir):
     assert same_tokenizer(a, b)
     b.add_tokens(["brandnewtoken"])
     assert not same_tokenizer(a, b)
+
+
+def _in_a_safetensors_mapping(tensor) -> bool:
+    """Whether the tensor's memory lies in a memory-mapped .safetensors file (Linux /proc/self/maps)."""
+    address = tensor.untyped_storage().data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].endswith(".safetensors"):
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= address < high:
+                return True
+    return False
+
+
+def test_own_weights_copies_trainable_weights_out_of_the_file_mapping(tiny_model_dir):
+    model = load_model(str(tiny_model_dir))
+    # the premise: transformers maps the checkpoint file, so the loaded weights are its pages
+    assert all(_in_a_safetensors_mapping(p) for p in model.parameters())
+    model.model.norm.weight.requires_grad_(False)  # a frozen weight is only read: it stays mapped
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert own_weights(model) == trainable
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name])
+        assert _in_a_safetensors_mapping(p) == (name == "model.norm.weight"), name
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
 
 
 @pytest.mark.slow
