@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import itertools
 import json
 import os
@@ -62,7 +63,14 @@ VARIANTS = {
     "clipfold": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_folded, {"DPOLAB_SEGMENT_KERNEL": "loop"}),
     "new": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_always, {}),  # dpolab's defaults now
     "unit": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_always, {"DPOLAB_SEGMENT_KERNEL": "unit"}),
+    # bf16 ablations of today's defaults (module switches, see PATCHES): CPU attention in bf16
+    # instead of fp32; the LM head's backward in fp32 instead of bf16
+    "attn-bf16": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_always, {}),
+    "head-fp32": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_always, {}),
 }
+# variant: (module, attribute, value) set while the variant's step runs
+PATCHES = {"attn-bf16": ("dpolab.attention", "CPU_BF16_IN_FP32", False),
+           "head-fp32": ("dpolab.logprobs", "BF16_HEAD_BACKWARD", False)}
 
 
 def make_stepper(name, model, bf16, lr, batches_by_layout):
@@ -79,6 +87,11 @@ def make_stepper(name, model, bf16, lr, batches_by_layout):
         b = batches[i % len(batches)]
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
+        patch = PATCHES.get(name)
+        if patch:
+            module = importlib.import_module(patch[0])
+            kept = getattr(module, patch[1])
+            setattr(module, patch[1], patch[2])
         try:
             t, c = time.perf_counter(), time.process_time()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -93,6 +106,8 @@ def make_stepper(name, model, bf16, lr, batches_by_layout):
             opt.zero_grad(set_to_none=True)
             return time.perf_counter() - t, float(loss.detach()), float(norm), time.process_time() - c
         finally:
+            if patch:
+                setattr(module, patch[1], kept)
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)

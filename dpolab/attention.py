@@ -49,6 +49,11 @@ KERNELS = ("loop", "unit", "flex")
 # 0.74, 600 0.58, 1000 1.29, 2000 1.31 (the masked call computes the chosen x rejected block
 # and the upper triangle, twice the loop's FLOPs; below ~600 tokens call overhead dominates).
 UNIT_MAX = 768
+# bf16 on CPU computes attention in fp32: PyTorch's CPU SDPA backward is slower in bf16 than in
+# fp32, and a bf16 training step ran 4-7% faster this way (`benchmarks/ab_step.py --bf16 --a
+# attn-bf16 --b new`, docs/performance.md). Forward-only work (reference pass, eval) does the same,
+# so policy and reference log-probs come from the same arithmetic.
+CPU_BF16_IN_FP32 = True
 
 
 def kernel(device: torch.device, grad: bool) -> str:
@@ -75,18 +80,25 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
     if chosen == "flex":
         return flex_segments(query, key, value, dpolab_segments, scaling), None
     dropout = dropout if module.training else 0.0
+    dtype = query.dtype
+    if CPU_BF16_IN_FP32 and dtype == torch.bfloat16 and query.device.type == "cpu":
+        query, key, value = query.float(), key.float(), value.float()
     if chosen == "unit" and (os.environ.get("DPOLAB_SEGMENT_KERNEL") or max(n for _, n, _ in units(dpolab_segments)) <= UNIT_MAX):
-        return unit_segments(query, key, value, dpolab_segments, scaling, dropout), None
-    groups = getattr(module, "num_key_value_groups", 1)
+        return unit_segments(query, key, value, dpolab_segments, scaling, dropout).to(dtype), None
+    return loop_segments(query, key, value, dpolab_segments, scaling, dropout, getattr(module, "num_key_value_groups", 1)).to(dtype), None
+
+
+def loop_segments(query, key, value, segments: tuple, scaling, dropout: float, groups: int) -> torch.Tensor:
+    """One SDPA call per block: query (1, H, T, D), key/value (1, Hkv, T, D) -> (1, T, H, D)."""
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     # torch.split, not one slice per block: the backward of a slice allocates a zero tensor
     # the size of the whole row, once per block and layer.
-    queries = torch.split(query, [length for _, length, _, _ in dpolab_segments], dim=2)
-    cuts = sorted({0, key.shape[2]} | {c for s, n, cs, cn in dpolab_segments for c in (s, s + n, cs, cs + cn)})
+    queries = torch.split(query, [length for _, length, _, _ in segments], dim=2)
+    cuts = sorted({0, key.shape[2]} | {c for s, n, cs, cn in segments for c in (s, s + n, cs, cs + cn)})
     keys = dict(zip(cuts, torch.split(key, [b - a for a, b in zip(cuts, cuts[1:])], dim=2)))
     values = dict(zip(cuts, torch.split(value, [b - a for a, b in zip(cuts, cuts[1:])], dim=2)))
     outs = []
-    for q, (start, length, ctx_start, ctx_length) in zip(queries, dpolab_segments):
+    for q, (start, length, ctx_start, ctx_length) in zip(queries, segments):
         spans = [(ctx_start, ctx_start + ctx_length)] if ctx_length else []
         pieces = [c for a, b in spans + [(start, start + length)] for c in cuts if a <= c < b]
         k = torch.cat([keys[c] for c in pieces], dim=2) if len(pieces) > 1 else keys[pieces[0]]
@@ -98,7 +110,7 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
             mask = torch.ones(length, ctx_length + length, dtype=torch.bool, device=q.device).tril(ctx_length)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
         outs.append(out)
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
 
 
 def units(segments: tuple) -> tuple:

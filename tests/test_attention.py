@@ -7,6 +7,8 @@ default, the training tests run it with gradients.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -105,6 +107,32 @@ def test_long_units_take_the_loop_by_default(tokenizer, monkeypatch):
         long = forward_logps(model, batch)
     assert not used
     torch.testing.assert_close(short, long, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["unit", "loop"])
+def test_bf16_on_cpu_computes_attention_in_fp32(monkeypatch, kernel):
+    """PyTorch's CPU SDPA backward is slower in bf16: q/k/v reach SDPA in fp32 and the layer gets bf16
+    back (and bf16 gradients); forward-only work (reference pass, eval) does the same, so policy and
+    reference log-probs come from the same arithmetic."""
+    segments = ((0, 6, 0, 0), (6, 3, 0, 4))  # prompt (4) + chosen (2), then rejected (3) seeing the prompt
+    module = SimpleNamespace(training=True, num_key_value_groups=2)
+    monkeypatch.setenv("DPOLAB_SEGMENT_KERNEL", kernel)
+    seen, inner = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append(q.dtype) or inner(q, k, v, **kw))
+    outs = {}
+    for grad, switch, want in ((True, True, torch.float32), (False, True, torch.float32), (True, False, torch.bfloat16)):
+        monkeypatch.setattr(attention, "CPU_BF16_IN_FP32", switch)
+        seen.clear()
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(1, h, 9, 8, dtype=torch.bfloat16, requires_grad=True) for h in (4, 2, 2))
+        with torch.set_grad_enabled(grad):
+            out, _ = attention.segment_attention(module, q, k, v, None, scaling=0.35, dpolab_segments=segments)
+        assert set(seen) == {want} and out.dtype == torch.bfloat16 and out.shape == (1, 9, 4, 8), (grad, switch)
+        outs[grad, switch] = out.detach()
+        if grad:
+            out.float().sum().backward()
+            assert q.grad.dtype == torch.bfloat16 and k.grad.abs().sum() > 0
+    assert torch.equal(outs[True, True], outs[False, True])  # training and forward-only agree exactly
 
 
 @pytest.mark.slow  # compiles FlexAttention (about a minute on 2 cores)

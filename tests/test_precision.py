@@ -72,6 +72,35 @@ def test_fp32_head_under_autocast():
     assert dict(model.state_dict()).keys() == dict(build_tiny_model(97).state_dict()).keys()
 
 
+def head_grads(model, hidden, autocast: bool):
+    """Logits of a fixed random direction's dot product, backward: (logits, grad of hidden, grad of the head weight)."""
+    model.zero_grad(set_to_none=True)
+    hidden = hidden.clone().requires_grad_()
+    with torch.autocast(**BF16, enabled=autocast):
+        logits = model.lm_head(hidden)
+    direction = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))
+    (logits * direction).sum().backward()
+    return logits.detach(), hidden.grad, model.lm_head.weight.grad, direction
+
+
+def test_fp32_head_backward_runs_in_bf16_under_autocast_only():
+    """Under bf16 autocast the head's logits are fp32 and exact; its two backward matmuls are bf16, as
+    autocast's linear layers compute theirs (checked by hand); outside autocast everything is fp32."""
+    model = build_tiny_model(97)
+    fp32_head(model)
+    hidden = torch.randn(1, 12, model.config.hidden_size)
+    weight = model.lm_head.weight.detach()
+    logits, grad_hidden, grad_weight, direction = head_grads(model, hidden, autocast=True)
+    assert logits.dtype == torch.float32 and torch.equal(logits, hidden @ weight.T)
+    g = direction.to(torch.bfloat16)
+    assert torch.equal(grad_hidden, (g @ weight.to(torch.bfloat16)).float())
+    assert torch.equal(grad_weight, (g[0].T @ hidden[0].to(torch.bfloat16)).float())
+    torch.testing.assert_close(grad_hidden, direction @ weight, rtol=0.02, atol=0.02)  # near the fp32 gradient
+    _, grad_hidden, grad_weight, direction = head_grads(model, hidden, autocast=False)
+    torch.testing.assert_close(grad_hidden, direction @ weight, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_weight, direction[0].T @ hidden[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_bf16_loss_curve_stays_near_fp32(tiny_model_dir, toy_data, tmp_path):
     """Same data, order and lr: bf16 autocast's per-step losses within 0.02 of fp32's over 8 steps."""
