@@ -245,9 +245,9 @@ def own_weights(model) -> int:
 
     transformers reads safetensors through a private memory map of the file, so the weights of a
     freshly loaded model are the file's pages, and the optimizer's first write to each 4 KiB page
-    takes a copy-on-write page fault: measured 3.4 s for the default model's 135 M weights on the
-    2-core CI machine, against 0.4 s to copy them up front (`benchmarks/bench_dpo.py` whole-process
-    times). Frozen weights (a LoRA base, a reference model) are only read and stay mapped. Tied
+    takes a copy-on-write page fault: 2.7 s for the default model's 135 M weights on a 2-core
+    Xeon, against 0.3 s to copy them out first and then update (`benchmarks/bench_own_weights.py`).
+    Frozen weights (a LoRA base, a reference model) are only read and stay mapped. Tied
     weights stay tied (one Parameter). Returns the number of weights copied.
     """
     copied = 0
