@@ -82,7 +82,8 @@ def rloo(cfg: OnlineConfig, prompts: list, reward_fn) -> Path:
     use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model)
-    own_weights(model)  # see models.own_weights: the first update would otherwise fault page by page
+    if use_cpu:  # see models.own_weights: the first update would otherwise fault page by page
+        own_weights(model)
     trainer = RLOOTrainer(model=model, reward_funcs=reward, args=trl_args(cfg, use_cpu), processing_class=tokenizer,
                           train_dataset=Dataset.from_dict({"prompt": list(prompts)}))
     # dpolab's own metrics.jsonl, TensorBoard and progress lines instead of TRL's printed dicts

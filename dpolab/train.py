@@ -326,12 +326,15 @@ def build_policy(cfg, run: Run):
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-    own_weights(model)  # not the checkpoint file's pages: see models.own_weights
-    if run.bf16:  # fp32 master weights on bf16 values: see models.round_to_bf16 (ties amplify small updates)
-        round_to_bf16(model)
     # FSDP and DeepSpeed place (and shard) the weights in `prepare`: a full copy on one device
     # first would not fit for the models they are used for.
-    return (model if distributed.is_sharded(run.accelerator) else model.to(run.device)).train()
+    if not distributed.is_sharded(run.accelerator):
+        model = model.to(run.device)  # a GPU copy leaves the checkpoint file's pages behind
+        if run.device.type == "cpu":
+            own_weights(model)  # on CPU they would be written in place: see models.own_weights
+    if run.bf16:  # fp32 master weights on bf16 values: see models.round_to_bf16 (ties amplify small updates)
+        round_to_bf16(model)
+    return model.train()
 
 
 def build_reference(cfg: TrainConfig, run: Run):
