@@ -92,7 +92,8 @@ def main(argv=None) -> int:
                             work=str(work / f"{case}-{name}-{rep}"), params=data["params"], threads=args.threads)
                 result = run_worker(spec, args.timeout)
                 if spec["name"].startswith("dpolab") and "error" not in result:  # after, in a process of its own
-                    result["eval_s"] = run_worker({**spec, "phase": "eval"}, args.timeout).get("eval_s", math.nan)
+                    timed = run_worker({**spec, "phase": "eval"}, args.timeout)
+                    result = {**result, "error": f"eval path: {timed['error']}"} if "error" in timed else {**result, "eval_s": timed["eval_s"]}
                 results.append({**result, "peaks": peaks})
                 print(row(results[-1], data, peaks), flush=True)
     print()
