@@ -67,6 +67,8 @@ VARIANTS = {
     # instead of fp32; the LM head's backward in fp32 instead of bf16
     "attn-bf16": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_always, {}),
     "head-fp32": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_always, {}),
+    # the same step as "new": `--a new --b same` is an A/A run that shows the harness's own bias
+    "same": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_always, {}),
 }
 # variant: (module, attribute, value) set while the variant's step runs
 PATCHES = {"attn-bf16": ("dpolab.attention", "CPU_BF16_IN_FP32", False),

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     from dpolab.models import bf16_supported
     import torch
 
-    print(f"CPU bf16 units: {cpu_bf16()}; bf16 autocast on by default here: {bf16_supported(torch.device('cpu'))}")
+    print(f"CPU bf16 units: {cpu_bf16()}; bf16 worth turning on here (`--bf16 true`; the CPU default stays fp32): {bf16_supported(torch.device('cpu'))}")
     results = {}
     for mode in args.modes.split(","):
         spec = {**vars(args), "mode": mode, "worker": ""}

@@ -30,6 +30,7 @@ overrides it):
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -49,10 +50,10 @@ KERNELS = ("loop", "unit", "flex")
 # 0.74, 600 0.58, 1000 1.29, 2000 1.31 (the masked call computes the chosen x rejected block
 # and the upper triangle, twice the loop's FLOPs; below ~600 tokens call overhead dominates).
 UNIT_MAX = 768
-# bf16 on CPU computes attention in fp32: PyTorch's CPU SDPA backward is slower in bf16 than in
-# fp32, and a bf16 training step ran 4-7% faster this way (`benchmarks/ab_step.py --bf16 --a
-# attn-bf16 --b new`, docs/performance.md). Forward-only work (reference pass, eval) does the same,
-# so policy and reference log-probs come from the same arithmetic.
+# bf16 on CPU (bf16 tensors or bf16 autocast) computes attention in fp32: PyTorch's CPU SDPA is
+# slower in bf16 than in fp32, most for short units (fwd+bwd of a 43-token unit 1.8 ms against
+# 0.45 ms, of 290 tokens 7.2 against 5.4; docs/performance.md). Forward-only work (reference pass,
+# eval) does the same, so policy and reference log-probs come from the same arithmetic.
 CPU_BF16_IN_FP32 = True
 
 
@@ -80,12 +81,19 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
     if chosen == "flex":
         return flex_segments(query, key, value, dpolab_segments, scaling), None
     dropout = dropout if module.training else 0.0
-    dtype = query.dtype
-    if CPU_BF16_IN_FP32 and dtype == torch.bfloat16 and query.device.type == "cpu":
-        query, key, value = query.float(), key.float(), value.float()
-    if chosen == "unit" and (os.environ.get("DPOLAB_SEGMENT_KERNEL") or max(n for _, n, _ in units(dpolab_segments)) <= UNIT_MAX):
-        return unit_segments(query, key, value, dpolab_segments, scaling, dropout).to(dtype), None
-    return loop_segments(query, key, value, dpolab_segments, scaling, dropout, getattr(module, "num_key_value_groups", 1)).to(dtype), None
+    device = query.device.type
+    bf16 = query.dtype == torch.bfloat16 or (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16)
+    # Under autocast q and k arrive fp32 (rotary), v bf16, and SDPA would cast all three to bf16:
+    # switch autocast off here so the fp32 cast below is what the kernel sees.
+    in_fp32 = CPU_BF16_IN_FP32 and bf16 and device == "cpu"
+    with torch.autocast(device, enabled=False) if in_fp32 else contextlib.nullcontext():
+        if in_fp32:
+            query, key, value = query.float(), key.float(), value.float()
+        if chosen == "unit" and (os.environ.get("DPOLAB_SEGMENT_KERNEL") or max(n for _, n, _ in units(dpolab_segments)) <= UNIT_MAX):
+            out = unit_segments(query, key, value, dpolab_segments, scaling, dropout)
+        else:
+            out = loop_segments(query, key, value, dpolab_segments, scaling, dropout, getattr(module, "num_key_value_groups", 1))
+    return (out.to(torch.bfloat16) if bf16 else out), None
 
 
 def loop_segments(query, key, value, segments: tuple, scaling, dropout: float, groups: int) -> torch.Tensor:

@@ -17,6 +17,8 @@ swamps the implicit rewards at small learning rates (docs/performance.md, "bf16"
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 from . import attention
@@ -87,18 +89,22 @@ def fp32_head(model) -> None:
     if not isinstance(head, torch.nn.Linear) or getattr(head, "_dpolab_fp32", False):
         return
 
-    def forward(hidden: torch.Tensor) -> torch.Tensor:
-        device = hidden.device.type
-        bf16_grads = (BF16_HEAD_BACKWARD and torch.is_grad_enabled() and torch.is_autocast_enabled(device)
-                      and torch.get_autocast_dtype(device) == torch.bfloat16)
-        with torch.autocast(device, enabled=False):
-            bias = None if head.bias is None else head.bias.float()
-            if bf16_grads:
-                return _Fp32LogitsBf16Grads.apply(hidden.float(), head.weight.float(), bias)
-            return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
-
-    head.forward = forward
+    # a bound method, not a closure over `head`: a deep copy of the model (a reference copied from
+    # the policy) then computes with its own head's weights
+    head.forward = types.MethodType(_fp32_head_forward, head)
     head._dpolab_fp32 = True
+
+
+def _fp32_head_forward(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """`fp32_head`'s forward of `head`: hidden (..., H) -> fp32 logits (..., V)."""
+    device = hidden.device.type
+    bf16_grads = (BF16_HEAD_BACKWARD and torch.is_grad_enabled() and torch.is_autocast_enabled(device)
+                  and torch.get_autocast_dtype(device) == torch.bfloat16)
+    with torch.autocast(device, enabled=False):
+        bias = None if head.bias is None else head.bias.float()
+        if bf16_grads:
+            return _Fp32LogitsBf16Grads.apply(hidden.float(), head.weight.float(), bias)
+        return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
 
 
 def model_inputs(model, batch: dict) -> dict:

@@ -135,6 +135,28 @@ def test_bf16_on_cpu_computes_attention_in_fp32(monkeypatch, kernel):
     assert torch.equal(outs[True, True], outs[False, True])  # training and forward-only agree exactly
 
 
+@pytest.mark.parametrize("kernel", ["unit", "loop"])
+def test_bf16_autocast_in_a_real_model_reaches_sdpa_in_fp32(tokenizer, monkeypatch, kernel):
+    """Under autocast a Llama layer hands over q and k in fp32 (rotary) and v in bf16, and SDPA's autocast
+    rule would cast all three to bf16: the kernel must see fp32 with autocast off, and only then."""
+    pairs = multi_turn_pairs(tokenizer, 3, 2, max_length=120, max_prompt_length=64)
+    batch = collate_pairs(pairs, tokenizer.pad_token_id, Layout(True, True, True))
+    model = tiny(len(tokenizer))
+    monkeypatch.setenv("DPOLAB_SEGMENT_KERNEL", kernel)
+    seen, inner = set(), torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.add((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu"))) or inner(q, k, v, **kw))
+    for switch, want in ((True, {(torch.float32,) * 3 + (False,)}), (False, {(torch.float32, torch.float32, torch.bfloat16, True)})):
+        monkeypatch.setattr(attention, "CPU_BF16_IN_FP32", switch)
+        seen.clear()
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logps = forward_logps(model, batch)
+        logps.sum().backward()
+        assert seen == want, switch
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
 @pytest.mark.slow  # compiles FlexAttention (about a minute on 2 cores)
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
 def test_flex_forward_matches_loop(tokenizer, monkeypatch, autocast):

@@ -113,3 +113,20 @@ def test_bf16_loss_curve_stays_near_fp32(tiny_model_dir, toy_data, tmp_path):
     assert losses["true"][0] == pytest.approx(math.log(2), abs=1e-6)
     assert losses["false"][-1] < losses["false"][0] - 0.01, losses  # the run learns: the curves are not both flat
     assert max(abs(a - b) for a, b in zip(losses["true"], losses["false"])) < 0.02, losses
+
+
+def test_fp32_head_of_a_deep_copy_uses_the_copy_s_weights():
+    """A reference deep-copied from a patched policy must compute with its own head, not the policy's."""
+    import copy
+
+    policy = build_tiny_model(97).eval()
+    fp32_head(policy)
+    reference = copy.deepcopy(policy)
+    with torch.no_grad():
+        policy.lm_head.weight.add_(0.5)  # tied: the policy's embeddings move too
+        ids = torch.randint(3, 97, (1, 12))
+        with torch.autocast(**BF16):
+            got = reference(input_ids=ids).logits
+        hidden = reference.model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got, hidden @ reference.lm_head.weight.T, atol=0.05, rtol=0.02)
+    assert not torch.allclose(got, hidden @ policy.lm_head.weight.T, atol=1.0)
