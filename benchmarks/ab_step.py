@@ -69,6 +69,9 @@ VARIANTS = {
     "head-fp32": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_always, {}),
     # the same step as "new": `--a new --b same` is an A/A run that shows the harness's own bias
     "same": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_always, {}),
+    # with --bf16: no autocast; an fp32 model whose matmuls oneDNN computes from bf16-rounded inputs
+    # with fp32 accumulation and fp32 results (torch.backends.mkldnn.matmul.fp32_precision = "bf16")
+    "bf32": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_always, {}),
 }
 # variant: (module, attribute, value) set while the variant's step runs
 PATCHES = {"attn-bf16": ("dpolab.attention", "CPU_BF16_IN_FP32", False),
@@ -96,7 +99,9 @@ def make_stepper(name, model, bf16, lr, batches_by_layout):
             setattr(module, patch[1], patch[2])
         try:
             t, c = time.perf_counter(), time.process_time()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            bf32 = bf16 and name == "bf32"
+            torch.backends.mkldnn.matmul.fp32_precision = "bf16" if bf32 else "none"
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and not bf32):
                 ch, rj = logprobs.pair_logps(model, b)
             # fixed reference log-probs: the first-step values of the starting model (set below)
             ref_c, ref_r = step.ref.get(i % len(batches), (ch.detach(), rj.detach()))
