@@ -72,10 +72,24 @@ VARIANTS = {
     # with --bf16: no autocast; an fp32 model whose matmuls oneDNN computes from bf16-rounded inputs
     # with fp32 accumulation and fp32 results (torch.backends.mkldnn.matmul.fp32_precision = "bf16")
     "bf32": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_always, {}),
+    # log-probs from the logits through plain autograd (logsumexp, slices, gather) instead of
+    # logprobs._TargetLogps's hand-written backward
+    "lse-autograd": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_always, {}),
 }
+
+
+def autograd_token_logps(logits, targets, rows=None):
+    """dpolab's log-probs from logits before `_TargetLogps`: autograd through chunked logsumexp."""
+    lse = torch.cat([logits[s : s + 2048].float().logsumexp(-1) for s in range(0, logits.shape[0], 2048)])
+    if rows is None:
+        return logits.gather(-1, targets[:, None]).squeeze(-1).float() - lse
+    return logits[rows, targets].float() - lse[rows]
+
+
 # variant: (module, attribute, value) set while the variant's step runs
 PATCHES = {"attn-bf16": ("dpolab.attention", "CPU_BF16_IN_FP32", False),
-           "head-fp32": ("dpolab.logprobs", "BF16_HEAD_BACKWARD", False)}
+           "head-fp32": ("dpolab.logprobs", "BF16_HEAD_BACKWARD", False),
+           "lse-autograd": ("dpolab.logprobs", "token_logps_from_logits", autograd_token_logps)}
 
 
 def make_stepper(name, model, bf16, lr, batches_by_layout):

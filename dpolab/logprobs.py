@@ -31,16 +31,43 @@ def token_logps_from_logits(logits: torch.Tensor, targets: torch.Tensor, rows: t
     """logits (P, V) any float dtype, targets (K,), rows (K,) -> log p(target) (K,) fp32.
 
     `rows[k]` is the logits row that predicts `targets[k]` (None: row k, so K == P).
+    log p = logit[target] - logsumexp(logits row), in fp32, CHUNK rows at a time.
     """
-    lse = []
-    for start in range(0, logits.shape[0], CHUNK):
-        lse.append(logits[start : start + CHUNK].float().logsumexp(-1))
-    if not lse:
+    if logits.shape[0] == 0:
         return logits.new_zeros(0, dtype=torch.float32)
-    lse = torch.cat(lse)
-    if rows is None:
-        return logits.gather(-1, targets[:, None]).squeeze(-1).float() - lse
-    return logits[rows, targets].float() - lse[rows]
+    rows = torch.arange(targets.shape[0], device=targets.device) if rows is None else rows
+    return _TargetLogps.apply(logits, targets, rows)
+
+
+class _TargetLogps(torch.autograd.Function):
+    """`token_logps_from_logits` with a backward that writes the (P, V) gradient once:
+    d log p_k / d logits[r] = onehot(target_k) - softmax(logits[r]) for r = rows[k].
+
+    Autograd through logsumexp, row slices and a gather allocates several P x V buffers and
+    made the LM head's log-softmax 2x slower on CPU (`benchmarks/profile_step.py`).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, rows):
+        lse = torch.cat([logits[s : s + CHUNK].float().logsumexp(-1) for s in range(0, logits.shape[0], CHUNK)])
+        ctx.save_for_backward(logits, targets, rows, lse)
+        return logits[rows, targets].float() - lse[rows]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, targets, rows, lse = ctx.saved_tensors
+        per_row = torch.zeros_like(lse).index_add_(0, rows, grad_out.float())  # sum of grad_out over a row's targets
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], CHUNK):
+            chunk = logits[s : s + CHUNK]
+            # fp32 logits: the softmax is computed in the gradient's own memory
+            soft = torch.sub(chunk, lse[s : s + CHUNK, None], out=grad[s : s + CHUNK]) if chunk.dtype == torch.float32 \
+                else chunk.float() - lse[s : s + CHUNK, None]
+            soft.exp_().mul_(-per_row[s : s + CHUNK, None])
+            if soft.data_ptr() != grad[s : s + CHUNK].data_ptr():
+                grad[s : s + CHUNK] = soft
+        grad.index_put_((rows, targets), grad_out.to(grad.dtype), accumulate=True)
+        return grad, None, None
 
 
 # Under bf16 autocast the head's two backward matmuls run in bf16, as every other layer's do:

@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from dpolab import attention
+from dpolab import attention, logprobs
 from dpolab.data.collate import Layout, collate, collate_pairs
 from dpolab.data.formats import DataReport, PreferenceExample
 from dpolab.data.tokenize import TokenizedPair, tokenize_examples
@@ -276,3 +276,24 @@ def test_flushing_denormals_changes_nothing_above_them():
     assert torch.equal(lp_on, lp_off)
     assert torch.equal(g_on[~denormal_off], g_off[~denormal_off])
     assert (g_on[denormal_off].abs() < tiny).all()  # zero, or a denormal that later arithmetic reads as zero
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logps_gradient_matches_autograd_of_log_softmax(dtype, monkeypatch):
+    """The hand-written backward (rows shared by two targets, a row predicting nothing, chunked)
+    against autograd through log_softmax and indexing."""
+    monkeypatch.setattr(logprobs, "CHUNK", 3)  # several chunks, the last one short
+    torch.manual_seed(0)
+    base = (torch.randn(7, 13) * 4).to(dtype)
+    rows = torch.tensor([0, 1, 2, 0, 3, 5, 6, 6])  # row 4 predicts nothing, rows 0 and 6 twice
+    targets = torch.tensor([3, 1, 12, 3, 0, 5, 2, 9])
+    weights = torch.randn(8)
+    got_x, want_x = base.clone().requires_grad_(), base.clone().requires_grad_()
+    got = token_logps_from_logits(got_x, targets, rows)
+    (got * weights).sum().backward()
+    want = want_x.float().log_softmax(-1)[rows, targets]
+    (want * weights).sum().backward()
+    torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-5)
+    assert got_x.grad.dtype == dtype and torch.all(got_x.grad[4] == 0)  # a row that predicts nothing
+    tolerance = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got_x.grad, want_x.grad, **tolerance)
