@@ -42,6 +42,7 @@ def token_logps_from_logits(logits: torch.Tensor, targets: torch.Tensor, rows: t
 class _TargetLogps(torch.autograd.Function):
     """`token_logps_from_logits` with a backward that writes the (P, V) gradient once:
     d log p_k / d logits[r] = onehot(target_k) - softmax(logits[r]) for r = rows[k].
+    logits (P, V), targets (K,), rows (K,) -> (K,) fp32.
 
     Autograd through logsumexp, row slices and a gather allocates several P x V buffers and
     made the LM head's log-softmax 2x slower on CPU (`benchmarks/profile_step.py`).
@@ -59,13 +60,14 @@ class _TargetLogps(torch.autograd.Function):
         per_row = torch.zeros_like(lse).index_add_(0, rows, grad_out.float())  # sum of grad_out over a row's targets
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], CHUNK):
-            chunk = logits[s : s + CHUNK]
-            # fp32 logits: the softmax is computed in the gradient's own memory
-            soft = torch.sub(chunk, lse[s : s + CHUNK, None], out=grad[s : s + CHUNK]) if chunk.dtype == torch.float32 \
-                else chunk.float() - lse[s : s + CHUNK, None]
-            soft.exp_().mul_(-per_row[s : s + CHUNK, None])
-            if soft.data_ptr() != grad[s : s + CHUNK].data_ptr():
-                grad[s : s + CHUNK] = soft
+            part = slice(s, s + CHUNK)
+            if logits.dtype == torch.float32:  # the softmax computed in the gradient's own memory
+                soft = torch.sub(logits[part], lse[part, None], out=grad[part])
+            else:
+                soft = logits[part].float() - lse[part, None]
+            soft.exp_().mul_(-per_row[part, None])
+            if soft.dtype != grad.dtype:
+                grad[part] = soft
         grad.index_put_((rows, targets), grad_out.to(grad.dtype), accumulate=True)
         return grad, None, None
 
