@@ -57,6 +57,11 @@ UNIT_MAX = 768
 CPU_BF16_IN_FP32 = True
 
 
+def bf16_autocast(device_type: str) -> bool:
+    """Whether a bf16 autocast region is active for `device_type` ("cpu", "cuda")."""
+    return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
+
+
 def kernel(device: torch.device, grad: bool) -> str:
     """The kernel for a forward on `device` (with or without autograd); see the module docstring."""
     forced = os.environ.get("DPOLAB_SEGMENT_KERNEL", "")
@@ -82,7 +87,7 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
         return flex_segments(query, key, value, dpolab_segments, scaling), None
     dropout = dropout if module.training else 0.0
     device = query.device.type
-    bf16 = query.dtype == torch.bfloat16 or (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16)
+    bf16 = query.dtype == torch.bfloat16 or bf16_autocast(device)
     # Under autocast q and k arrive fp32 (rotary), v bf16, and SDPA would cast all three to bf16:
     # switch autocast off here so the fp32 cast below is what the kernel sees.
     in_fp32 = CPU_BF16_IN_FP32 and bf16 and device == "cpu"

@@ -127,8 +127,7 @@ def fp32_head(model) -> None:
 def _fp32_head_forward(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     """`fp32_head`'s forward of `head`: hidden (..., H) -> fp32 logits (..., V)."""
     device = hidden.device.type
-    bf16_grads = (BF16_HEAD_BACKWARD and torch.is_grad_enabled() and torch.is_autocast_enabled(device)
-                  and torch.get_autocast_dtype(device) == torch.bfloat16)
+    bf16_grads = BF16_HEAD_BACKWARD and torch.is_grad_enabled() and attention.bf16_autocast(device)
     with torch.autocast(device, enabled=False):
         bias = None if head.bias is None else head.bias.float()
         if bf16_grads:
