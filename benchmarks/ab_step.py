@@ -47,7 +47,7 @@ def clip_always(model, opt, max_norm):
 
 
 def clip_folded(model, opt, max_norm):
-    """The clip coefficient handed to the fused AdamW pass as its gradient divisor (tried; not faster)."""
+    """The clip coefficient handed to the fused AdamW pass as its gradient divisor (dpolab.train.clip_gradients)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads)
     coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
@@ -61,20 +61,25 @@ VARIANTS = {
     "base": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_always, {"DPOLAB_SEGMENT_KERNEL": "loop"}),
     "row": (dict(packing=True, prefix_sharing=True, segment_attention=False), clip_always, {}),
     "clipfold": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_folded, {"DPOLAB_SEGMENT_KERNEL": "loop"}),
-    "new": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_always, {}),  # dpolab's defaults now
-    "unit": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_always, {"DPOLAB_SEGMENT_KERNEL": "unit"}),
+    "new": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_folded, {}),  # dpolab's defaults now
+    "unit": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_folded, {"DPOLAB_SEGMENT_KERNEL": "unit"}),
     # bf16 ablations of today's defaults (module switches, see PATCHES): CPU attention in bf16
     # instead of fp32; the LM head's backward in fp32 instead of bf16
-    "attn-bf16": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_always, {}),
-    "head-fp32": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_always, {}),
+    "attn-bf16": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_folded, {}),
+    "head-fp32": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_folded, {}),
     # the same step as "new": `--a new --b same` is an A/A run that shows the harness's own bias
-    "same": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_always, {}),
+    "same": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_folded, {}),
     # with --bf16: no autocast; an fp32 model whose matmuls oneDNN computes from bf16-rounded inputs
     # with fp32 accumulation and fp32 results (torch.backends.mkldnn.matmul.fp32_precision = "bf16")
-    "bf32": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_always, {}),
+    "bf32": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_folded, {}),
     # log-probs from the logits through plain autograd (logsumexp, slices, gather) instead of
     # logprobs._TargetLogps's hand-written backward
-    "lse-autograd": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_always, {}),
+    "lse-autograd": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_folded, {}),
+    # transformers' own RMSNorm forward instead of dpolab.rmsnorm's; dpolab's with fp32 layer-norm outputs under autocast
+    "rms-hf": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_folded, {}),
+    "rms-fp32-out": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_folded, {}),
+    # clipping as its own multiply over every gradient (torch.nn.utils.clip_grad_norm_) before the optimizer step
+    "clip-separate": (dict(packing=True, prefix_sharing=True, segment_attention=True), clip_always, {}),
 }
 
 
@@ -89,7 +94,9 @@ def autograd_token_logps(logits, targets, rows=None):
 # variant: (module, attribute, value) set while the variant's step runs
 PATCHES = {"attn-bf16": ("dpolab.attention", "CPU_BF16_IN_FP32", False),
            "head-fp32": ("dpolab.logprobs", "BF16_HEAD_BACKWARD", False),
-           "lse-autograd": ("dpolab.logprobs", "token_logps_from_logits", autograd_token_logps)}
+           "lse-autograd": ("dpolab.logprobs", "token_logps_from_logits", autograd_token_logps),
+           "rms-hf": ("dpolab.rmsnorm", "ENABLED", False),
+           "rms-fp32-out": ("dpolab.rmsnorm", "LAYER_BF16_OUT", False)}
 
 
 def make_stepper(name, model, bf16, lr, batches_by_layout):
@@ -101,6 +108,7 @@ def make_stepper(name, model, bf16, lr, batches_by_layout):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
     if bf16:
         logprobs.fp32_head(model)
+
 
     def step(i):
         b = batches[i % len(batches)]

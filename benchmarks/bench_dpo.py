@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -50,10 +51,17 @@ RUNS = {
     "dpolab-bf16-dense": ("dpolab", "bf16", True, False, True),  # ablation: one masked SDPA call per layer
     "dpolab-fp32-dense": ("dpolab", "fp32", True, False, True),
     "dpolab-fp32-loop": ("dpolab", "fp32", True, False, True),  # ablation: the per-block attention loop (CPU default before)
+    # ablations of the `dpolab` command's malloc settings (dpolab.cli.MALLOC_TUNABLES): dpolab without
+    # them, TRL's fastest configuration with them
+    "dpolab-bf16-sysmalloc": ("dpolab", "bf16", True, False, True),
+    "trl-bf16-pre-malloc": ("trl", "bf16", True, False, False),
 }
 DPOLAB_OPTIONS = {"dpolab-bf16-dense": {"segment_attention": False}, "dpolab-fp32-dense": {"segment_attention": False}}
 # environment of a dpolab run's process (set before training)
 DPOLAB_ENV = {"dpolab-fp32-loop": {"DPOLAB_SEGMENT_KERNEL": "loop"}}
+# runs whose process starts with the malloc settings the `dpolab` command gives itself
+# (dpolab.cli.entry): every dpolab run as users run it, and one TRL ablation
+MALLOC_RUNS = {name for name in RUNS if name.startswith("dpolab") and name != "dpolab-bf16-sysmalloc"} | {"trl-bf16-pre-malloc"}
 # TRL 1.16's padding_free is "temporarily unavailable since the DPO refactor" (it warns and pads), so no run uses it
 TRL_OPTIONS = {"trl-bf16-liger": {"use_liger_kernel": True}}
 DEFAULT_RUNS = "trl-bf16-pre,trl-fp32-pre,trl-default-fp32,dpolab-bf16,dpolab-fp32"
@@ -205,6 +213,10 @@ def run_worker(spec: dict, timeout: int) -> dict:
            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     if spec["threads"]:
         env.update(OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
+    if spec["name"] in MALLOC_RUNS:  # glibc reads them at process start, as the `dpolab` command sets them
+        from dpolab.cli import malloc_env
+
+        env = malloc_env(env, platform.system(), platform.libc_ver()[0]) or env
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
     spec = {**spec, "load_before": os.getloadavg()[0]}  # other work on the machine slows every run
     start = time.perf_counter()

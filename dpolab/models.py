@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from .errors import ModelError  # noqa: F401 (imported from here by commands)
 from .hub import check_hub_id
 from .perms import public
+from .rmsnorm import fast_rms_norms
 
 DEFAULT_MODEL = "default"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -160,6 +161,7 @@ def _adapter_base(path: str) -> str:
 def load_model(name: str, *, trust_remote_code: bool = False, dtype=torch.float32):
     """A causal LM from a checkpoint dir, hub id, 'default', or a PEFT adapter dir (loaded onto its base).
 
+    Its RMSNorms run `dpolab.rmsnorm`'s one-node forward and backward (same values, fewer passes).
     Weights are read from safetensors only: a checkpoint holding only pickled weights is refused.
     """
     path = resolve_model_path(name)
@@ -172,11 +174,13 @@ def load_model(name: str, *, trust_remote_code: bool = False, dtype=torch.float3
     if not Path(path).exists():
         check_hub_id(path)
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
         )
     except OSError as e:
         raise hub_error(name, e) from None
+    fast_rms_norms(model)
+    return model
 
 
 def add_lora(model, r: int, alpha: int, dropout: float, targets: str):

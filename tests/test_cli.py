@@ -329,3 +329,41 @@ def test_eval_takes_beta_from_the_run_and_accepts_a_reward_pattern(tmp_path, tin
     assert main(["eval", "--model", str(out), "--data", str(toy_data), "--limit", "4", "--beta", "0.05",
                  "--output-dir", str(ev), "--device", "cpu"]) == 0
     assert json.loads((ev / "eval.json").read_text())["beta"] == 0.05  # a flag still wins
+
+
+# ------------------------------------------------------------------ malloc settings of the command
+
+def test_malloc_env_adds_the_tunables_once_and_only_on_glibc_linux():
+    from dpolab.cli import MALLOC_TUNABLES, malloc_env
+
+    env = malloc_env({"PATH": "/bin"}, "Linux", "glibc")
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": MALLOC_TUNABLES}
+    assert malloc_env(env, "Linux", "glibc") is None  # the restarted process does not restart again
+    kept = malloc_env({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX"}, "Linux", "glibc")["GLIBC_TUNABLES"]
+    assert kept == "glibc.cpu.hwcaps=-AVX:" + MALLOC_TUNABLES  # the user's own tunables stay
+    assert malloc_env({}, "Darwin", "") is None and malloc_env({}, "Linux", "") is None  # musl: no glibc
+    assert malloc_env({"DPOLAB_SYSTEM_MALLOC": "1"}, "Linux", "glibc") is None
+
+
+def test_the_command_restarts_itself_with_the_tunables(tmp_path):
+    """`python -m dpolab` replaces its process by one with MALLOC_TUNABLES: a sitecustomize on the
+    path records GLIBC_TUNABLES in every interpreter that starts (the first and the restarted one)."""
+    import os
+    import platform
+
+    from dpolab.cli import MALLOC_TUNABLES
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return  # nothing to restart for: malloc_env's test covers the decision
+    seen = tmp_path / "seen.txt"
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os\nwith open(os.environ['SEEN'], 'a') as f:\n    f.write(os.environ.get('GLIBC_TUNABLES', '-') + '\\n')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "DPOLAB_SYSTEM_MALLOC")}
+    env.update(SEEN=str(seen), PYTHONPATH=os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-m", "dpolab", "train", "--help"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "--max-grad-norm" in out.stdout
+    assert seen.read_text().splitlines() == ["-", MALLOC_TUNABLES]
+    seen.unlink()
+    out = subprocess.run([sys.executable, "-m", "dpolab", "train", "--help"], env={**env, "DPOLAB_SYSTEM_MALLOC": "1"},
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and seen.read_text().splitlines() == ["-"]

@@ -280,3 +280,64 @@ def test_data_line_of_a_one_row_file_says_row_and_pair():
         rows_read, kept, truncated, dropped, notes = 1, 1, 0, {}, {}
 
     assert data_summary("x.jsonl", Report(), 0, 1) == "data x.jsonl: 1 row, 1 kept, dropped: none, 0 truncated; 0 train / 1 eval pair"
+
+
+# ------------------------------------------------------------------ clipping folded into the fused AdamW
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e6])
+def test_clip_folded_into_the_fused_adamw_makes_the_update_of_clip_grad_norm(max_norm):
+    from accelerate import Accelerator
+
+    from dpolab.train import clip_gradients
+    from tests.conftest import build_tiny_model
+
+    acc = Accelerator(cpu=True)
+    models = [build_tiny_model(97, seed=3) for _ in range(2)]
+    ids = torch.randint(3, 97, (2, 10))
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in models]
+    for m in models:
+        m(input_ids=ids, labels=ids).loss.backward()
+    want = torch.nn.utils.clip_grad_norm_(models[0].parameters(), max_norm)
+    optimizers[0].step()
+    got = clip_gradients(acc, models[1], optimizers[1], max_norm)
+    assert hasattr(optimizers[1], "grad_scale") == (float(want) > max_norm)  # only a step that clips
+    grads_before = [p.grad.clone() for p in models[1].parameters()]
+    optimizers[1].step()
+    torch.testing.assert_close(got, want)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    if float(want) <= max_norm:
+        assert all(torch.equal(g, p.grad) for g, p in zip(grads_before, models[1].parameters()))
+
+
+def test_clip_without_a_fused_optimizer_clips_the_gradients_themselves():
+    from accelerate import Accelerator
+
+    from dpolab.train import clip_gradients
+    from tests.conftest import build_tiny_model
+
+    model = build_tiny_model(97, seed=3)
+    ids = torch.randint(3, 97, (2, 10))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+    norm = clip_gradients(Accelerator(cpu=True), model, optimizer, 0.05)
+    assert float(norm) > 0.05 and not hasattr(optimizer, "grad_scale")
+    assert float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])) == pytest.approx(0.05, rel=1e-4)
+
+
+def test_a_training_step_leaves_no_clip_factor_on_the_optimizer(tiny_model_dir, toy_data, tmp_path, monkeypatch):
+    import dpolab.train as trainer
+
+    seen = []
+    make = trainer.make_optimizer
+
+    def spy(*args, **kwargs):
+        optimizer, scheduler = make(*args, **kwargs)
+        seen.append(optimizer)
+        return optimizer, scheduler
+
+    monkeypatch.setattr(trainer, "make_optimizer", spy)
+    result = run(tiny_model_dir, toy_data, tmp_path / "o", max_steps=2, max_grad_norm=1e-3)
+    assert result["steps"] == 2 and seen and seen[0].defaults["fused"]
+    assert not hasattr(seen[0], "grad_scale")
+    assert all(h["grad_norm"] > 1e-3 for h in result["history"] if "grad_norm" in h)  # every step clipped
