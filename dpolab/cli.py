@@ -131,7 +131,7 @@ def quiet_libraries() -> None:
 # free top): a training step's large tensors (logits, their gradient, the LM head's copies) were
 # faulted in and zeroed by the kernel again every step, ~125 k page faults and 0.2 CPU-s of kernel
 # time per standard-case step on CPU. Thresholds above any tensor keep freed memory in the process
-# for the next step: 4-8% more training pairs/s at ~5% more peak RSS (docs/performance.md, "Memory reuse").
+# for the next step: 4-8% more training pairs/s at 0.1-0.4 GB more peak RSS (docs/performance.md, "Memory reuse").
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
 
 
