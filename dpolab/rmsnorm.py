@@ -7,8 +7,8 @@ tokens (hidden 576, fp32, 2 threads, in a loop) took 2.3 ms there against 0.8 ms
 training step, with the activations fresh from memory, the two changes here made a bf16 step
 2-3% faster (docs/performance.md, "Memory reuse, RMSNorm, clipping").
 
-`fast_rms_norms(model)` rebinds the forward of every norm of a known Llama-style class on the
-instance (state dict and checkpoints unchanged); inputs that are not fp32 with an fp32 weight
+`fast_rms_norms(model)` gives every norm of a known Llama-style class this forward through a
+subclass of its own class (state dict and checkpoints unchanged); inputs that are not fp32 with an fp32 weight
 take the class's own forward. Under bf16 autocast the two norms inside a decoder layer return
 bf16: their outputs feed only linear layers (q, k, v; gate, up), which would otherwise cast the
 same fp32 tensor to bf16 once each, and the values are the same either way. The model's final
@@ -17,7 +17,7 @@ norm keeps fp32 output: it feeds the fp32 LM head (`logprobs.fp32_head`).
 
 from __future__ import annotations
 
-import types
+import functools
 
 import torch
 
@@ -65,23 +65,31 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def fast_rms_norms(model) -> int:
-    """Rebind the forward of `model`'s Llama-style RMSNorms (idempotent); returns how many."""
+    """Give `model`'s Llama-style RMSNorms `_forward` (idempotent); returns how many it has."""
     count = 0
     for name, module in model.named_modules():
-        if type(module).__name__ not in LLAMA_STYLE or not hasattr(module, "variance_epsilon"):
-            continue
-        if not getattr(module, "_dpolab_fast", False):
-            # a bound method, not a closure: a deep copy of the model re-binds it to its own norm
-            module.forward = types.MethodType(_forward, module)
-            module._dpolab_fast = True
-            module._dpolab_bf16_out = name.rsplit(".", 1)[-1] in LAYER_NORMS
+        cls = type(module)
+        if not getattr(cls, "_dpolab_fast", False):
+            if cls.__name__ not in LLAMA_STYLE or not hasattr(module, "variance_epsilon"):
+                continue
+            # A subclass, not an instance attribute: transformers (5.25, with the `kernels` package)
+            # drops instance forwards of its kernel-capable layers in train() / eval().
+            module.__class__ = _fast_class(cls)
+        module._dpolab_bf16_out = name.rsplit(".", 1)[-1] in LAYER_NORMS
         count += 1
     return count
+
+
+@functools.cache
+def _fast_class(cls: type) -> type:
+    """`cls` with `_forward` (same name, so reprs and state dicts read as before)."""
+    return type(cls.__name__, (cls,), {"forward": _forward, "_dpolab_fast": True, "_dpolab_base": cls,
+                                       "__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
 def _forward(norm, hidden: torch.Tensor) -> torch.Tensor:
     """`fast_rms_norms`' forward of `norm`: hidden (..., H) -> (..., H)."""
     if not ENABLED or hidden.dtype != torch.float32 or norm.weight.dtype != torch.float32:
-        return type(norm).forward(norm, hidden)
+        return norm._dpolab_base.forward(norm, hidden)
     bf16_out = LAYER_BF16_OUT and norm._dpolab_bf16_out and bf16_autocast(hidden.device.type)
     return rms_norm(hidden, norm.weight, norm.variance_epsilon, torch.bfloat16 if bf16_out else None)

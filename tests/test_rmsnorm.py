@@ -88,3 +88,24 @@ def test_other_dtypes_take_the_class_forward_and_a_deep_copy_uses_its_own_weight
         twin.model.norm.weight.mul_(2.0)
     x = torch.randn(1, 4, 32)
     torch.testing.assert_close(twin.model.norm(x), 2.0 * norm(x))
+
+
+def test_the_fast_forward_survives_train_eval_and_a_reset_of_instance_forwards():
+    """transformers 5.25 with the `kernels` package resets the forward of its kernel-capable layers
+    (RMSNorm among them) in train() / eval() by dropping instance attributes: ours is the class's."""
+    model = build_tiny_model(97)
+    rmsnorm.fast_rms_norms(model)
+    model.train()
+    model.eval()
+    norm = model.model.norm
+    norm.__dict__.pop("forward", None)  # what the kernels package's fallback does
+    x = torch.randn(1, 4, 32)
+    calls = []
+    real = rmsnorm.rms_norm
+    try:
+        rmsnorm.rms_norm = lambda *a, **k: calls.append(1) or real(*a, **k)
+        norm(x)
+    finally:
+        rmsnorm.rms_norm = real
+    assert calls and isinstance(norm, LlamaRMSNorm) and repr(norm).startswith("LlamaRMSNorm(")
+    assert rmsnorm.fast_rms_norms(model) == 5 and type(norm).__mro__[1] is LlamaRMSNorm  # idempotent: one subclass
