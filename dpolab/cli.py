@@ -151,7 +151,7 @@ def entry() -> int:
     pid, arguments, streams) before torch is loaded; `main` itself stays callable in-process.
     """
     env = malloc_env(dict(os.environ), platform.system(), platform.libc_ver()[0])
-    if env is not None:
+    if env is not None and sys.executable:  # an embedded interpreter has no executable to restart
         os.execve(sys.executable, [sys.executable, "-m", "dpolab", *sys.argv[1:]], env)
     return main()
 
