@@ -4,7 +4,7 @@ log-probs, clip 1.0, fused AdamW). Each variant has its own copy of the model an
 variants take turns step by step (order alternating), so machine load hits both alike. Reports
 the median per-step time ratio B/A and the largest per-step loss difference.
 
-    python benchmarks/ab_step.py --a base --b row --steps 8 [--bf16] [--lr 1e-6]
+    python benchmarks/ab_step.py --a base --b row --steps 8 [--bf16] [--lr 1e-6] [--model default]
 
 Variants: base (dpolab's training step today), and the changes under test (see VARIANTS).
 """
@@ -27,13 +27,13 @@ import torch
 from bench_precision import HH
 
 
-def load_batches(n_pairs: int, layout):
+def load_batches(model: str, n_pairs: int, layout):
     from dpolab.data import load_pairs, read_rows
     from dpolab.data.collate import collate_pairs
     from dpolab.models import load_tokenizer
     import tempfile
 
-    tok = load_tokenizer("default")
+    tok = load_tokenizer(model)
     rows = [row for _, row in itertools.islice(read_rows(str(HH), "train"), n_pairs)]
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
@@ -155,6 +155,7 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a checkpoint dir")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -164,10 +165,10 @@ def main():
 
     def batches_by_layout(layout):
         if layout not in cache:
-            cache[layout] = load_batches(args.pairs, layout)
+            cache[layout] = load_batches(args.model, args.pairs, layout)
         return cache[layout]
 
-    base = load_model("default").train()
+    base = load_model(args.model).train()
     if args.bf16:
         round_to_bf16(base)
     steppers = {}

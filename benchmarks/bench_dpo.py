@@ -83,8 +83,13 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)  # the matmul peak is measured with the runs' thread count
     work = Path(tempfile.mkdtemp(prefix="dpolab-bench-"))
     model_path = prepare_model(args.model, work)
-    cases = list(CASES) if args.cases == "all" else args.cases.split(",")
-    runs = args.runs.split(",")
+    cases, runs = args.cases, args.runs
+    if args.dry_run:  # everything but the runs: the model, each case's data, the plan
+        for case in cases:
+            data = prepare_data(model_path, work / case, args.pairs, *CASES[case][:2], args.seed, CASES[case][2])
+            print(f"{case}: {data['pairs']} pairs, {data['real_tokens']} tokens; runs {', '.join(runs)} x {args.repeat}")
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
     peaks = matmul_peaks(device)
     print(f"device {device_name(device)}, bf16 units: {cpu_bf16() if device == 'cpu' else 'GPU'}, "
           f"{torch.get_num_threads()} threads; plain matmul: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
@@ -130,8 +135,15 @@ def parse(argv):
     p.add_argument("--no-bf16-units", action="store_true",
                    help=f"run as on a CPU without AMX/AVX512-BF16: oneDNN (which runs CPU bf16 matmuls) limited to "
                         f"{EMULATED_ISA}, so bf16 matmuls are emulated as on such CPUs; fp32 is unchanged")
+    p.add_argument("--dry-run", action="store_true", help="prepare the model and every case's data, print the runs, run none")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.cases = list(CASES) if args.cases == "all" else args.cases.split(",")
+    args.runs = args.runs.split(",")
+    for flag, names, known in (("--cases", args.cases, CASES), ("--runs", args.runs, RUNS)):
+        if unknown := [n for n in names if n not in known]:
+            p.error(f"{flag}: unknown {', '.join(map(repr, unknown))} (choose from {', '.join(known)})")
+    return args
 
 
 def prepare_model(name: str, work: Path) -> str:
@@ -293,6 +305,9 @@ def print_saved(paths: list[str]) -> int:
     results = []
     for path in paths:
         saved = json.loads(Path(path).read_text())
+        if "peaks" not in saved:  # e.g. bench_precision.py's files beside these in benchmarks/results
+            print(f"{path}: not a bench_dpo.py --out file, left out")
+            continue
         for r in saved["results"]:
             r.setdefault("peaks", saved["peaks"])
             r.update(rates(r, r["data"], saved["peaks"]) if "error" not in r else {})

@@ -116,6 +116,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--modes", default="fp32,bf16")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a checkpoint dir")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -125,12 +126,12 @@ def main():
     from dpolab.models import load_model, load_tokenizer, round_to_bf16
 
     patch_scopes()
-    tok = load_tokenizer("default")
+    tok = load_tokenizer(args.model)
     pairs = first_pairs(str(HH), tok, 4 * (args.steps + 1))
     batches = [collate_pairs(pairs[i:i + 4], tok.pad_token_id, Layout(True, True, True)) for i in range(0, len(pairs), 4)]
     out = {}
     for mode in args.modes.split(","):
-        model = load_model("default").train()
+        model = load_model(args.model).train()
         if mode == "bf16":
             round_to_bf16(model)
             logprobs.fp32_head(model)

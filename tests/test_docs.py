@@ -32,7 +32,7 @@ from tests.conftest import REPO, write_toy_pairs
 
 pytestmark = pytest.mark.slow  # about a minute and a half on 2 cores: many tiny training runs
 
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "README.md"]
 
 # Commands not run here, with the reason (matched against the normalised command: one line,
 # comments removed, single spaces).
@@ -70,6 +70,10 @@ SKIP = {
     "python -m dpolab.experiments.label_noise --output-dir runs/label-noise-tiny --model runs/tiny-model --reward length --train-prompts 320 --eval-prompts 80 --num-samples 4 --max-new-tokens 16 --lr 1e-3 --batch-size 8 --epochs 2 --eval-samples 4":
         "the study's measured tiny run (about an hour on 2 cores); a smaller one runs in tests/experiments/test_label_noise.py",
     "accelerate launch --cpu --num_processes 2": "a fragment in a note of docs/distributed.md (what not to do), not a command",
+    "make bench": "`python benchmarks/bench_dpo.py` with the default model (minutes); that command runs here with the tiny one",
+    "bash benchmarks/gpu.sh": "the one-GPU run (minutes on a GPU, hours on a CPU); its CPU form runs in tests/test_benchmarks.py",
+    "STD_MODEL=random:tiny BIG_MODEL=random:tiny PAIRS=16 bash benchmarks/gpu.sh":
+        "run by tests/test_benchmarks.py::test_gpu_script_runs_on_cpu_with_a_tiny_model (which checks its table)",
 }
 
 # The substitution table: whole tokens (or comma-separated items of one) swapped before running.
@@ -94,6 +98,18 @@ EXTRA = {  # flags added to a command so a later one has what it needs
     "--batch-size 4 --grad-accum 4 --max-steps 200": ["--save-every", "1"],
 }
 LAUNCHERS = ("torchrun", "python -m dpolab", "accelerate launch")
+# Benchmark scripts (`python benchmarks/X.py`) run as subprocesses from the document's folder on
+# a tiny random-weight Llama with the default model's tokenizer (so HH pairs keep their real token
+# counts): `--model` is swapped or added, and the sizes below are swapped, or added where a script
+# would default to a large one. bench_dpo.py's comparisons (a fresh process per run, most of them
+# TRL's: ~20 s each even on the tiny model) run with `--dry-run`, which prepares the model and
+# every case's data and checks the case and run names; every run kind really runs in
+# tests/test_benchmarks.py, and `--table-from` runs as written.
+BENCH_SIZES = {"--pairs": "8", "--steps": "2", "--repeat": "1", "--threads": "1", "--timeout": "600"}
+BENCH_ADDED = {"bench_dpo.py": ("--pairs", "--threads"), "ab_step.py": ("--pairs", "--steps"),
+               "bench_precision.py": ("--steps",), "profile_step.py": ("--steps",), "bench_step.py": ("--repeat",),
+               "bench_own_weights.py": ("--repeat",)}
+_BENCH_RUN: set[tuple[str, ...]] = set()  # benchmark argvs already run in this session
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -132,6 +148,8 @@ def doc_commands(path: Path) -> list[tuple[str, str]]:
         if inline is not None:
             if re.match(r"(dpolab \w+|torchrun|accelerate launch|python -m dpolab|make \w+)\b", inline) and " --" in inline \
                     and "..." not in inline and "<" not in inline:
+                found.append(("sh", " ".join(inline.split())))
+            elif re.match(r"([A-Z_]+=\S+ )*(python|bash) benchmarks/\w+\.(py|sh)\b", inline) and "<" not in inline:
                 found.append(("sh", " ".join(inline.split())))
             continue
         if lang == "python":
@@ -202,6 +220,30 @@ def _launcher_argv(command: str, tiny: str) -> list[str] | None:
     return _swap(argv, tiny) + ["--model", tiny, "--max-steps", "2", "--batch-size", "2", "--output-dir", "runs/launched"]
 
 
+def _bench_argv(command: str, model: str | None) -> list[str] | None:
+    """`python benchmarks/X.py ...` on the tiny model with small sizes (see BENCH_SIZES), else None."""
+    argv = shlex.split(command)
+    if argv[:1] != ["python"] or len(argv) < 2 or not re.fullmatch(r"benchmarks/\w+\.py", argv[1]):
+        return None
+    script, out = argv[1].split("/")[1], [sys.executable, str(REPO / argv[1])]
+    for i, token in enumerate(argv[2:], start=2):
+        flag = argv[i - 1]
+        if flag == "--model":
+            token = model or token
+        elif flag in BENCH_SIZES:
+            token = BENCH_SIZES[flag]
+        if token.startswith("benchmarks/"):  # files of the repository, read from the document's folder
+            out += sorted(map(str, REPO.glob(token))) if "*" in token else [str(REPO / token)]
+            continue
+        out.append(token)
+    for flag in BENCH_ADDED.get(script, ()):
+        if flag not in out:
+            out += [flag, BENCH_SIZES[flag]]
+    if script == "bench_dpo.py" and "--table-from" not in out:
+        out.append("--dry-run")
+    return out + ([] if "--model" in out else ["--model", model or "default"])
+
+
 def _before(step: str, cwd: Path) -> None:
     if step == "stop_hh":  # as if the run was stopped after step 2 of 3: its last checkpoint and final/ gone
         import shutil
@@ -212,7 +254,7 @@ def _before(step: str, cwd: Path) -> None:
         (cwd / "pairs.jsonl").unlink()
 
 
-def run_command(kind: str, command: str, cwd: Path, tiny: str) -> None:
+def run_command(kind: str, command: str, cwd: Path, tiny: str, bench_model=lambda: None) -> None:
     if kind == "python":
         code = command.replace("TINY", repr(tiny))
         for old, new in PYTHON_SUBS.items():
@@ -231,6 +273,16 @@ def run_command(kind: str, command: str, cwd: Path, tiny: str) -> None:
         proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, f"`{command}` exited with {proc.returncode}: {proc.stderr[-1500:]}"
         return
+    if (argv := _bench_argv(norm, bench_model())) is not None:
+        if tuple(sorted(argv)) in _BENCH_RUN:  # the same run after the swaps (another doc, or --threads 1 added)
+            return
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+        assert proc.returncode == 0, f"`{command}` exited with {proc.returncode}: {proc.stderr[-1500:]}"
+        assert "FAILED" not in proc.stdout and "| failed" not in proc.stdout, f"`{command}`: a run failed: {proc.stdout[-1500:]}"
+        if "--out" not in argv:  # a run writing a file later commands read is not shared between docs
+            _BENCH_RUN.add(tuple(sorted(argv)))
+        return
     pytest.fail(f"`{command}`: found in the docs but neither run by tests/test_docs.py nor listed in its SKIP")
 
 
@@ -241,7 +293,8 @@ def test_every_doc_command_is_run_or_skipped_with_a_reason():
     for doc in DOCS:
         for kind, command in doc_commands(doc):
             norm = " ".join(command.split())
-            if kind == "sh" and norm not in SKIP and _dpolab_argv(norm, "tiny") is None and _launcher_argv(norm, "tiny") is None:
+            if kind == "sh" and norm not in SKIP and _dpolab_argv(norm, "tiny") is None and _launcher_argv(norm, "tiny") is None \
+                    and _bench_argv(norm, "tiny") is None:
                 unknown.append(f"{doc.relative_to(REPO)}: {norm}")
     assert not unknown, "doc commands neither run nor skipped (run them in tests/test_docs.py or add to SKIP):\n" + "\n".join(unknown)
     assert all(reason for reason in SKIP.values())
@@ -254,7 +307,7 @@ def test_skip_list_names_only_commands_the_docs_still_have():
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
-def test_doc_commands_run(doc, tmp_path, tiny_model_dir, monkeypatch):
+def test_doc_commands_run(doc, tmp_path, tiny_model_dir, monkeypatch, request):
     commands = [(k, c) for k, c in doc_commands(doc) if k == "python" or " ".join(c.split()) not in SKIP]
     if not commands:
         pytest.skip(f"{doc.name} has no runnable commands")
@@ -263,7 +316,18 @@ def test_doc_commands_run(doc, tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     for kind, command in commands:
-        run_command(kind, command, tmp_path, str(tiny_model_dir))
+        run_command(kind, command, tmp_path, str(tiny_model_dir), lambda: str(request.getfixturevalue("bench_model_dir")))
+
+
+@pytest.fixture(scope="session")
+def bench_model_dir(tmp_path_factory) -> Path:
+    """benchmarks/bench_dpo.py's random:tiny model (2 layers, width 64, the default tokenizer), saved once."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_dpo
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return Path(bench_dpo.prepare_model("random:tiny", tmp_path_factory.mktemp("bench-model")))
 
 
 def test_extraction_reads_prompted_and_continued_lines(tmp_path):
