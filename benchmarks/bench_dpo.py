@@ -1,6 +1,6 @@
 """dpolab vs TRL's DPOTrainer, side by side: same model, data, batch size, max length, beta, lr, precision.
 
-    python benchmarks/bench_dpo.py                      # the standard case, every run, once
+    python benchmarks/bench_dpo.py                      # the standard case, the default runs, once
     python benchmarks/bench_dpo.py --cases all --repeat 2 --out bench.json
 
 Each run is a fresh subprocess (peak resident memory is its own); the parent prepares the data,

@@ -10,7 +10,7 @@
 # pads), so no run uses it.
 #
 #   bash benchmarks/gpu.sh                     # on the GPU machine
-#   STD_MODEL=random:tiny BIG_MODEL=random:tiny PAIRS=8 bash benchmarks/gpu.sh   # a CPU smoke run
+#   STD_MODEL=random:tiny BIG_MODEL=random:tiny PAIRS=16 bash benchmarks/gpu.sh   # a CPU smoke run (the long case: batch 16)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}

@@ -32,7 +32,8 @@ from tests.conftest import REPO, write_toy_pairs
 
 pytestmark = pytest.mark.slow  # about a minute and a half on 2 cores: many tiny training runs
 
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "README.md"]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "README.md",
+        *sorted((REPO / "benchmarks").glob("*.py")), REPO / "benchmarks" / "gpu.sh"]  # scripts: their usage lines
 
 # Commands not run here, with the reason (matched against the normalised command: one line,
 # comments removed, single spaces).
@@ -139,8 +140,20 @@ def _logical_lines(lines: list[str]) -> list[str]:
     return joined + ([current] if current else [])
 
 
+def script_commands(path: Path) -> list[tuple[str, str]]:
+    """A benchmark script's usage lines (`    python benchmarks/X.py [--opt v]` in its docstring or
+    `#   bash benchmarks/X.sh` in its comments), optional `[...]` parts included."""
+    found = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if m := re.match(r"\s*(?:#\s+)?((?:[A-Z_]+=\S+ )*(?:python|bash) benchmarks/\w+\.(?:py|sh)\b.*)", line):
+            found.append(("sh", _strip_comment(re.sub(r"\[([^\]]*)\]", r"\1", m.group(1)))))
+    return found
+
+
 def doc_commands(path: Path) -> list[tuple[str, str]]:
     """[(kind, command)] in document order; kind is "sh" or "python"."""
+    if path.suffix != ".md":
+        return script_commands(path)
     text = path.read_text(encoding="utf-8")
     found = []
     for m in re.finditer(r"```(\w*)\n(.*?)```|`([^`\n]+)`", text, re.S):
