@@ -83,23 +83,20 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)  # the matmul peak is measured with the runs' thread count
     work = Path(tempfile.mkdtemp(prefix="dpolab-bench-"))
     model_path = prepare_model(args.model, work)
-    cases, runs = args.cases, args.runs
-    if args.dry_run:  # everything but the runs: the model, each case's data, the plan
-        for case in cases:
-            data = prepare_data(model_path, work / case, args.pairs, *CASES[case][:2], args.seed, CASES[case][2])
-            print(f"{case}: {data['pairs']} pairs, {data['real_tokens']} tokens; runs {', '.join(runs)} x {args.repeat}")
-        shutil.rmtree(work, ignore_errors=True)
-        return 0
-    peaks = matmul_peaks(device)
-    print(f"device {device_name(device)}, bf16 units: {cpu_bf16() if device == 'cpu' else 'GPU'}, "
-          f"{torch.get_num_threads()} threads; plain matmul: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
-          f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; runs with {args.threads or 'default'} threads", flush=True)
+    if not args.dry_run:
+        peaks = matmul_peaks(device)
+        print(f"device {device_name(device)}, bf16 units: {cpu_bf16() if device == 'cpu' else 'GPU'}, "
+              f"{torch.get_num_threads()} threads; plain matmul: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
+              f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; runs with {args.threads or 'default'} threads", flush=True)
     results = []
-    for case in cases:
+    for case in args.cases:
         batch_size, max_length, joined = CASES[case]
         data = prepare_data(model_path, work / case, args.pairs, batch_size, max_length, args.seed, joined)
+        if args.dry_run:  # everything but the runs: the model, each case's data, the plan
+            print(f"{case}: {data['pairs']} pairs, {data['real_tokens']} tokens; runs {', '.join(args.runs)} x {args.repeat}")
+            continue
         for rep in range(args.repeat):
-            for name in runs:
+            for name in args.runs:
                 spec = dict(name=name, case=case, rep=rep, model=model_path, device=device, batch_size=batch_size,
                             max_length=max_length, lr=args.lr, beta=args.beta, seed=args.seed, data=data,
                             work=str(work / f"{case}-{name}-{rep}"), params=data["params"], threads=args.threads)
@@ -109,11 +106,12 @@ def main(argv=None) -> int:
                     result = {**result, "error": f"eval path: {timed['error']}"} if "error" in timed else {**result, "eval_s": timed["eval_s"]}
                 results.append({**result, "peaks": peaks})
                 print(row(results[-1], data, peaks), flush=True)
-    print()
-    print(table(results))
-    if args.out:
-        Path(args.out).write_text(json.dumps({"peaks": peaks, "device": device_name(device), "bf16_units": cpu_bf16(),
-                                              "results": results}, indent=1))
+    if not args.dry_run:
+        print()
+        print(table(results))
+        if args.out:
+            Path(args.out).write_text(json.dumps({"peaks": peaks, "device": device_name(device), "bf16_units": cpu_bf16(),
+                                                  "results": results}, indent=1))
     shutil.rmtree(work, ignore_errors=True)  # the runs' models and caches: gigabytes per invocation
     return 0
 

@@ -110,3 +110,15 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     # read-only and expensive to rebuild (pointed to by DPOLAB_TEST_CACHE when set).
     monkeypatch.setenv("DPOLAB_CACHE", os.environ.get("DPOLAB_TEST_CACHE", str(tmp_path_factory.getbasetemp() / "cache")))
     torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def import_benchmark(name: str):
+    """A script of benchmarks/ (a folder of scripts, not a package) imported as a module."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))

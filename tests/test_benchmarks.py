@@ -18,16 +18,12 @@ def test_every_run_kind_runs_on_a_tiny_model(tmp_path):
     """Every run bench_dpo.py knows, each in a fresh process (the docs' comparisons run as
     `--dry-run` in tests/test_docs.py, so this is where each kind of run really runs): figures,
     a first loss of ln 2, and the same per-step losses where two runs do the same computation."""
-    from tests.conftest import HH_PATH
+    from tests.conftest import HH_PATH, import_benchmark
 
     if not HH_PATH.is_file():
         pytest.skip(f"shared data not found: {HH_PATH}")
     pytest.importorskip("trl")
-    sys.path.insert(0, str(BENCH.parent))
-    try:
-        from bench_dpo import RUNS
-    finally:
-        sys.path.remove(str(BENCH.parent))
+    RUNS = import_benchmark("bench_dpo").RUNS
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(BENCH), "--model", "random:tiny", "--runs", ",".join(RUNS),
                            "--pairs", "8", "--out", str(out)], capture_output=True, text=True, timeout=1500)

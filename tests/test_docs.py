@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from dpolab.cli import main
-from tests.conftest import REPO, write_toy_pairs
+from tests.conftest import REPO, import_benchmark, write_toy_pairs
 
 pytestmark = pytest.mark.slow  # about a minute and a half on 2 cores: many tiny training runs
 
@@ -287,14 +287,15 @@ def run_command(kind: str, command: str, cwd: Path, tiny: str, bench_model=lambd
         assert proc.returncode == 0, f"`{command}` exited with {proc.returncode}: {proc.stderr[-1500:]}"
         return
     if (argv := _bench_argv(norm, bench_model())) is not None:
-        if tuple(sorted(argv)) in _BENCH_RUN:  # the same run after the swaps (another doc, or --threads 1 added)
+        key = tuple(sorted(argv))
+        if key in _BENCH_RUN:  # the same run after the swaps (another doc, or --threads 1 added)
             return
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
         assert proc.returncode == 0, f"`{command}` exited with {proc.returncode}: {proc.stderr[-1500:]}"
         assert "FAILED" not in proc.stdout and "| failed" not in proc.stdout, f"`{command}`: a run failed: {proc.stdout[-1500:]}"
         if "--out" not in argv:  # a run writing a file later commands read is not shared between docs
-            _BENCH_RUN.add(tuple(sorted(argv)))
+            _BENCH_RUN.add(key)
         return
     pytest.fail(f"`{command}`: found in the docs but neither run by tests/test_docs.py nor listed in its SKIP")
 
@@ -335,12 +336,7 @@ def test_doc_commands_run(doc, tmp_path, tiny_model_dir, monkeypatch, request):
 @pytest.fixture(scope="session")
 def bench_model_dir(tmp_path_factory) -> Path:
     """benchmarks/bench_dpo.py's random:tiny model (2 layers, width 64, the default tokenizer), saved once."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import bench_dpo
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return Path(bench_dpo.prepare_model("random:tiny", tmp_path_factory.mktemp("bench-model")))
+    return Path(import_benchmark("bench_dpo").prepare_model("random:tiny", tmp_path_factory.mktemp("bench-model")))
 
 
 def test_extraction_reads_prompted_and_continued_lines(tmp_path):
