@@ -35,7 +35,7 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -203,23 +203,76 @@ def block_mask(segments: tuple, padded: int, device: torch.device):
     """FlexAttention block mask of the segments over a row of `padded` tokens (cached: every layer reuses it).
 
     Query q of block s sees key k when k is in s and k <= q, or k is in s's context range.
-    Padding tokens form one extra block of their own, so no row is empty.
+    Padding tokens form one extra block of their own, so no row is empty. The tiles a query
+    tile needs are counted from these ranges (`tile_counts`): `create_block_mask` would evaluate
+    the mask at every one of the padded x padded positions, gigabytes for a 16k-token row.
     """
     key = (segments, padded, str(device))
     if key not in _mask_cache:
-        block = torch.full((padded,), len(segments), dtype=torch.int32)
-        lo, hi = torch.zeros(padded, dtype=torch.int32), torch.zeros(padded, dtype=torch.int32)
-        for i, (start, length, ctx_start, ctx_length) in enumerate(segments):
-            block[start : start + length] = i
-            lo[start : start + length], hi[start : start + length] = ctx_start, ctx_start + ctx_length
-        block, lo, hi = block.to(device), lo.to(device), hi.to(device)
-
-        def visible(b, h, q, k):
-            return ((block[q] == block[k]) & (k <= q)) | ((k >= lo[q]) & (k < hi[q]))
-
+        block, first, lo, hi = (x.to(device) for x in token_ranges(segments, padded))
+        counts = tile_counts(first, lo, hi)
+        full = counts == BUCKET * BUCKET
+        partial = (counts > 0) & ~full
         _mask_cache.clear()  # one batch at a time: keep only the current mask
-        _mask_cache[key] = create_block_mask(visible, None, None, padded, padded, device=device)
+        _mask_cache[key] = BlockMask.from_kv_blocks(*_tile_lists(partial), *_tile_lists(full), BLOCK_SIZE=BUCKET,
+                                                    mask_mod=visibility(block, lo, hi), seq_lengths=(padded, padded))
     return _mask_cache[key]
+
+
+def visibility(block: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+    """FlexAttention mask_mod of `token_ranges`' block ids and context ranges."""
+
+    def visible(b, h, q, k):
+        return ((block[q] == block[k]) & (k <= q)) | ((k >= lo[q]) & (k < hi[q]))
+
+    return visible
+
+
+def token_ranges(segments: tuple, padded: int) -> tuple:
+    """Per token (int32, (padded,)): block id, its block's first token, its context range [lo, hi).
+
+    The padding after the segments is one more block (id len(segments)) with no context.
+    """
+    block = torch.full((padded,), len(segments), dtype=torch.int32)
+    first = torch.full((padded,), sum(n for _, n, _, _ in segments), dtype=torch.int32)
+    lo, hi = torch.zeros(padded, dtype=torch.int32), torch.zeros(padded, dtype=torch.int32)
+    for i, (start, length, ctx_start, ctx_length) in enumerate(segments):
+        if ctx_length and ctx_start + ctx_length > start:
+            raise ValueError(f"segment {i}: its context [{ctx_start}, {ctx_start + ctx_length}) must end before it starts ({start})")
+        block[start : start + length], first[start : start + length] = i, start
+        lo[start : start + length], hi[start : start + length] = ctx_start, ctx_start + ctx_length
+    return block, first, lo, hi
+
+
+def tile_counts(first: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, rows: int = 64 * BUCKET) -> torch.Tensor:
+    """Visible (query, key) pairs in each BUCKET x BUCKET tile: (n, n) int32 for n = padded / BUCKET.
+
+    Query q sees the keys [first[q], q] (its own block) and [lo[q], hi[q]) (its context), so
+    per query and key tile the count is the sum of two interval overlaps: memory padded x n per
+    `rows` queries at a time, not padded x padded.
+    """
+    padded = first.shape[0]
+    n = padded // BUCKET
+    a = torch.arange(0, padded, BUCKET, dtype=torch.int32, device=first.device)[None]  # key tile starts
+    out = []
+    for s in range(0, padded, rows):
+        q = torch.arange(s, min(s + rows, padded), dtype=torch.int32, device=first.device)
+        f, l, h = first[s : s + rows, None], lo[s : s + rows, None], hi[s : s + rows, None]
+        end = q[:, None] + 1
+
+        def overlap(start, stop):
+            return (torch.minimum(stop, a + BUCKET) - torch.maximum(start, a)).clamp_min_(0)
+
+        per_query = overlap(f, end) + overlap(l, h)  # disjoint: the context ends before the block starts
+        out.append(per_query.view(-1, BUCKET, n).sum(1, dtype=torch.int32))
+    return torch.cat(out)
+
+
+def _tile_lists(tiles: torch.Tensor) -> tuple:
+    """(n, n) bool -> BlockMask's per-query-tile count (1, 1, n) and key tile indices, listed first (1, 1, n, n)."""
+    count = tiles.sum(-1, dtype=torch.int32)
+    order = torch.argsort(tiles.to(torch.int32), dim=-1, descending=True, stable=True).to(torch.int32)
+    return count[None, None], order[None, None]
 
 
 _flex = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,6 +53,57 @@ def test_block_mask_matches_segments():
     assert torch.equal(dense[:14, :14], want)
     assert not dense[:14, 14:].any() and dense[14:, 14:].diagonal().all()  # padding sees only padding
 
+
+
+def random_segments(rng, units: int) -> tuple:
+    """A prefix-shared row as `collate._segments` builds it: per unit [prompt + completion 1], completions 2.. with the prompt as context."""
+    segments, offset = [], 0
+    for _ in range(units):
+        prompt, comps = int(rng.integers(1, 300)), [int(n) for n in rng.integers(1, 300, size=int(rng.integers(1, 4)))]
+        segments.append((offset, prompt + comps[0], 0, 0))
+        start = offset + prompt + comps[0]
+        for n in comps[1:]:
+            segments.append((start, n, offset, prompt))
+            start += n
+        offset = start
+    return tuple(segments)
+
+
+def test_block_mask_tiles_match_create_block_mask():
+    """The tiles counted from the segments' ranges are the ones FlexAttention's own
+    `create_block_mask` finds by evaluating the mask at every position: partial and full,
+    by query tile and by key tile (the backward's lists)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def tiles(mask, kind):  # per query (or key) tile: the sorted list of tiles it visits
+        num, idx = getattr(mask, f"{kind}_num_blocks")[0, 0], getattr(mask, f"{kind}_indices")[0, 0]
+        return [sorted(idx[i, : num[i]].tolist()) for i in range(num.shape[0])]
+
+    rng = np.random.default_rng(0)
+    for trial in range(25):
+        segments = random_segments(rng, int(rng.integers(1, 7)))
+        padded = -(-(segments[-1][0] + segments[-1][1]) // attention.BUCKET) * attention.BUCKET + attention.BUCKET * (trial % 2)
+        ours = attention.block_mask(segments, padded, torch.device("cpu"))
+        want = create_block_mask(ours.mask_mod, None, None, padded, padded, device="cpu")
+        for kind in ("kv", "full_kv", "q", "full_q"):
+            assert tiles(ours, kind) == tiles(want, kind), (trial, kind, segments)
+        assert ours.seq_lengths == (padded, padded)
+
+
+def test_tile_counts_count_every_visible_pair():
+    """Per tile, the count is the number of visible (query, key) pairs, also with a query chunk smaller than the row."""
+    segments = random_segments(np.random.default_rng(1), 4)
+    padded = -(-(segments[-1][0] + segments[-1][1]) // attention.BUCKET) * attention.BUCKET
+    block, first, lo, hi = attention.token_ranges(segments, padded)
+    q, k = torch.arange(padded)[:, None], torch.arange(padded)[None]
+    dense = ((block[q] == block[k]) & (k <= q)) | ((k >= lo[q]) & (k < hi[q]))
+    n, b = padded // attention.BUCKET, attention.BUCKET
+    want = dense.view(n, b, n, b).sum((1, 3), dtype=torch.int32)
+    assert torch.equal(attention.tile_counts(first, lo, hi), want)
+    assert torch.equal(attention.tile_counts(first, lo, hi, rows=b), want)
+    assert int(want.sum()) == int(dense.sum())
+    with pytest.raises(ValueError, match="segment 1: its context"):  # counting assumes the context precedes its block
+        attention.token_ranges(((0, 4, 0, 0), (4, 2, 2, 3)), 128)
 
 def test_units_cover_segments_with_their_visibility():
     """Each unit's mask is exactly what its blocks see; units tile the row in order."""
