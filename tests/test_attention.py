@@ -235,3 +235,23 @@ def test_flex_gradients_match_loop_on_cuda(tokenizer, monkeypatch):
     torch.testing.assert_close(flex_logps, loop_logps, atol=1e-4, rtol=1e-4)
     for n, g in loop_grads.items():
         torch.testing.assert_close(flex_grads[n], g, atol=1e-4, rtol=1e-3, msg=n)
+
+
+@pytest.mark.slow  # compiles FlexAttention twice
+def test_flex_compiles_once_per_shape_then_dynamic_not_per_batch():
+    """Each batch brings a new mask (a new mask_mod closure over new tensors): the compiled
+    kernel is reused for it; a second row length compiles once more with dynamic shapes, and
+    no later length compiles again."""
+    from torch._dynamo.utils import counters
+
+    def row(prompt, chosen, rejected):
+        return ((0, prompt + chosen, 0, 0), (prompt + chosen, rejected, 0, prompt)), prompt + chosen + rejected
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    for segments, length in (row(100, 50, 60), row(90, 70, 40), row(150, 100, 90), row(200, 150, 100), row(300, 200, 250)):
+        q, k, v = torch.randn(1, 4, length, 16), torch.randn(1, 2, length, 16), torch.randn(1, 2, length, 16)
+        attention.flex_segments(q, k, v, segments)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [1, 1, 2, 2, 2]
