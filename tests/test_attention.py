@@ -255,3 +255,17 @@ def test_flex_compiles_once_per_shape_then_dynamic_not_per_batch():
         attention.flex_segments(q, k, v, segments)
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs == [1, 1, 2, 2, 2]
+
+
+@pytest.mark.slow  # compiles FlexAttention
+def test_flex_matches_loop_on_a_long_row_with_full_tiles():
+    """A row of thousands of tokens, where many tiles are full (FlexAttention skips the mask
+    there) and many partial: the same attention as one SDPA call per block."""
+    segments = random_segments(np.random.default_rng(2), 12)
+    length = segments[-1][0] + segments[-1][1]
+    padded = -(-length // attention.BUCKET) * attention.BUCKET
+    assert int(attention.block_mask(segments, padded, torch.device("cpu")).full_kv_num_blocks.sum()) >= 10
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, length, 32), torch.randn(1, 2, length, 32), torch.randn(1, 2, length, 32)
+    want = attention.loop_segments(q, k, v, segments, None, 0.0, 2)
+    torch.testing.assert_close(attention.flex_segments(q, k, v, segments), want, atol=1e-5, rtol=1e-5)
