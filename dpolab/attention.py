@@ -249,20 +249,19 @@ def tile_counts(first: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, rows: i
 
     Query q sees the keys [first[q], q] (its own block) and [lo[q], hi[q]) (its context), so
     per query and key tile the count is the sum of two interval overlaps: memory padded x n per
-    `rows` queries at a time, not padded x padded.
+    `rows` queries (a multiple of BUCKET) at a time, not padded x padded.
     """
     padded = first.shape[0]
     n = padded // BUCKET
     a = torch.arange(0, padded, BUCKET, dtype=torch.int32, device=first.device)[None]  # key tile starts
+
+    def overlap(start, stop):  # (queries, 1) ranges [start, stop) -> (queries, n) keys inside each key tile
+        return (torch.minimum(stop, a + BUCKET) - torch.maximum(start, a)).clamp_min_(0)
+
     out = []
     for s in range(0, padded, rows):
-        q = torch.arange(s, min(s + rows, padded), dtype=torch.int32, device=first.device)
+        end = torch.arange(s + 1, min(s + rows, padded) + 1, dtype=torch.int32, device=first.device)[:, None]  # q + 1
         f, l, h = first[s : s + rows, None], lo[s : s + rows, None], hi[s : s + rows, None]
-        end = q[:, None] + 1
-
-        def overlap(start, stop):
-            return (torch.minimum(stop, a + BUCKET) - torch.maximum(start, a)).clamp_min_(0)
-
         per_query = overlap(f, end) + overlap(l, h)  # disjoint: the context ends before the block starts
         out.append(per_query.view(-1, BUCKET, n).sum(1, dtype=torch.int32))
     return torch.cat(out)
