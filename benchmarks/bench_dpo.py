@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)  # the matmul peak is measured with the runs' thread count
     work = Path(tempfile.mkdtemp(prefix="dpolab-bench-"))
-    model_path = prepare_model(args.model, work)
+    model_path = prepare_model(args.model, work, args.tokenizer)
     if not args.dry_run:
         peaks = matmul_peaks(device)
         print(f"device {device_name(device)}, bf16 units: {cpu_bf16() if device == 'cpu' else 'GPU'}, "
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     results = []
     for case in args.cases:
         batch_size, max_length, joined = CASES[case]
-        data = prepare_data(model_path, work / case, args.pairs, batch_size, max_length, args.seed, joined)
+        data = prepare_data(model_path, work / case, args.pairs, batch_size, max_length, args.seed, joined, args.data)
         if args.dry_run:  # everything but the runs: the model, each case's data, the plan
             print(f"{case}: {data['pairs']} pairs, {data['real_tokens']} tokens; runs {', '.join(args.runs)} x {args.repeat}")
             continue
@@ -121,7 +121,10 @@ def parse(argv):
     p.add_argument("--cases", default="standard", help="comma list of " + ", ".join(CASES) + ", or all")
     p.add_argument("--runs", default=DEFAULT_RUNS, help="comma list of " + ", ".join(RUNS))
     p.add_argument("--pairs", type=int, default=32, help="first N pairs of the HH-RLHF harmless file")
-    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a checkpoint dir, or random:0.5b / random:tiny")
+    p.add_argument("--data", default=str(HH), help="the HH-RLHF file (another copy of it, e.g. on a machine without ../shared)")
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a checkpoint dir, random:0.5b / "
+                   "random:1b / random:tiny, or random:DIR (DIR's architecture and tokenizer, random weights)")
+    p.add_argument("--tokenizer", default="default", help="tokenizer of the random:SIZE models: 'default' or a checkpoint dir")
     p.add_argument("--lr", type=float, default=5e-6)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=42)
@@ -144,32 +147,43 @@ def parse(argv):
     return args
 
 
-def prepare_model(name: str, work: Path) -> str:
-    """A plain HF checkpoint dir both tools can load: the converted default, a path, or random weights from a config."""
+SIZES = {  # hidden, intermediate, layers, heads, kv heads: roughly Qwen2.5-0.5B / 1B / a tiny one
+    "0.5b": (896, 4864, 24, 14, 2), "1b": (1536, 8960, 16, 12, 2), "tiny": (64, 128, 2, 4, 2)}
+
+
+def prepare_model(name: str, work: Path, tokenizer_name: str = "default") -> str:
+    """A plain HF checkpoint dir both tools can load: the converted default, a path, or random weights:
+    `random:SIZE` (a Llama of SIZES with `tokenizer_name`'s tokenizer) or `random:DIR` (DIR's config
+    and tokenizer, e.g. the default model's without its weights, where they cannot be copied)."""
     if not name.startswith("random:"):
         from dpolab.models import resolve_model_path
 
         return resolve_model_path(name)
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
     from dpolab.models import load_tokenizer
 
-    tokenizer = load_tokenizer("default")
-    sizes = {  # hidden, intermediate, layers, heads, kv heads: roughly Qwen2.5-0.5B / 1B / a tiny one
-        "0.5b": (896, 4864, 24, 14, 2), "1b": (1536, 8960, 16, 12, 2), "tiny": (64, 128, 2, 4, 2)}
-    hidden, inter, layers, heads, kv = sizes[name.split(":", 1)[1]]
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    spec = name.split(":", 1)[1]
+    if spec in SIZES:
+        tokenizer = load_tokenizer(tokenizer_name)
+        hidden, inter, layers, heads, kv = SIZES[spec]
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+                             tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    elif Path(spec, "config.json").exists():
+        tokenizer, config = load_tokenizer(spec), AutoConfig.from_pretrained(spec)
+    else:
+        raise SystemExit(f"--model {name}: not random:{'/'.join(SIZES)} and {spec} is no directory with a config.json")
     torch.manual_seed(0)
-    path = work / f"model-{name.split(':', 1)[1]}"
+    path = work / f"model-{Path(spec).name}"
     AutoModelForCausalLM.from_config(config).save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return str(path)
 
 
-def prepare_data(model_path: str, folder: Path, n: int, batch_size: int, max_length: int, seed: int, joined: int = 1) -> dict:
+def prepare_data(model_path: str, folder: Path, n: int, batch_size: int, max_length: int, seed: int, joined: int = 1,
+                 hh: str = str(HH)) -> dict:
     """The first n pairs as text rows for both tools, in the order dpolab trains them, plus token counts.
 
     joined > 1: pair i's chosen and rejected transcripts are each preceded by the (chosen)
@@ -183,7 +197,7 @@ def prepare_data(model_path: str, folder: Path, n: int, batch_size: int, max_len
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(model_path)
     raw = []
-    for _, row in read_rows(str(HH), "train"):
+    for _, row in read_rows(hh, "train"):
         raw.append(row)
         if len(raw) == n + joined - 1:
             break

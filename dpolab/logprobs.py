@@ -20,6 +20,7 @@ from __future__ import annotations
 import types
 
 import torch
+import transformers.modeling_utils
 
 from . import attention
 from .attention import SUPPORTED, model_config
@@ -141,7 +142,7 @@ def model_inputs(model, batch: dict) -> dict:
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         position_ids=batch["position_ids"],
-        logits_to_keep=batch["keep_mask"],
+        logits_to_keep=logits_to_keep(batch["keep_mask"]),
         use_cache=False,
     )
     custom = batch.get("segments") is not None or (batch["attention_mask"] is not None and batch["attention_mask"].dim() == 4)
@@ -155,6 +156,33 @@ def model_inputs(model, batch: dict) -> dict:
     elif custom:
         kwargs["attention_mask"] = _mask_for(model, kwargs["attention_mask"])
     return kwargs
+
+
+def logits_to_keep(keep_mask: torch.Tensor) -> torch.Tensor:
+    """transformers' `logits_to_keep` for a (N, L) bool mask, logits then (P, V) after a reshape.
+
+    One row (packed batches, the default): its positions (P,), which every transformers release
+    dpolab supports takes (logits (1, P, V)). Several rows (padded layouts): the mask itself,
+    which transformers flattens to (P, V) since 5.21; before that only positions shared by all
+    rows can be given, so `forward_logps` keeps the union and picks the rows' own (`_kept`).
+    """
+    if keep_mask.shape[0] == 1:
+        return keep_mask[0].nonzero().squeeze(1)
+    if BOOL_LOGITS_TO_KEEP:
+        return keep_mask
+    return keep_mask.any(0).nonzero().squeeze(1)
+
+
+# transformers >= 5.21 slices hidden states with a 2D boolean `logits_to_keep` (`slice_logits_to_keep`);
+# older releases index `hidden_states[:, logits_to_keep, :]` and fail on one ("too many indices").
+BOOL_LOGITS_TO_KEEP = hasattr(transformers.modeling_utils, "slice_logits_to_keep")
+
+
+def _kept(logits: torch.Tensor, keep_mask: torch.Tensor) -> torch.Tensor:
+    """The model's logits for `logits_to_keep(keep_mask)` -> (P, V), P = keep_mask.sum(), in row order."""
+    if logits.dim() == 3 and keep_mask.shape[0] > 1:  # the union of the rows' positions: pick each row's own
+        return logits[keep_mask[:, keep_mask.any(0)]]
+    return logits.reshape(-1, logits.shape[-1])
 
 
 def _check_window(model, batch: dict) -> None:
@@ -184,7 +212,7 @@ def forward_logps(model, batch: dict) -> torch.Tensor:
     if batch.get("segments") is not None and attention.calls == before:
         # a model whose attention layers drop extra keyword arguments would silently attend across the row
         raise ValueError("this model's attention does not take dpolab's segments: pass --no-segment-attention")
-    logits = out.logits.reshape(-1, out.logits.shape[-1])  # (P, V)
+    logits = _kept(out.logits, batch["keep_mask"])  # (P, V)
     return token_logps_from_logits(logits, batch["targets"], batch.get("target_rows"))
 
 

@@ -22,6 +22,7 @@ config.yaml, metrics.jsonl), so the experiment measures it like every other poli
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -132,13 +133,15 @@ def trl_args(cfg: OnlineConfig, use_cpu: bool):
     activation checkpointing on by default; a small model on CPU only pays its extra forward."""
     from trl import RLOOConfig  # why: as in rloo
 
-    return RLOOConfig(
+    fields = {f.name for f in dataclasses.fields(RLOOConfig)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"  # 5.22 and older
+    return RLOOConfig(**{checkpointing: False},
         output_dir=str(Path(cfg.output_dir) / "trl"), use_cpu=use_cpu, bf16=False, seed=cfg.seed, data_seed=cfg.seed,
         per_device_train_batch_size=cfg.prompts_per_step * cfg.num_samples, num_generations=cfg.num_samples,
         max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0, top_k=0,
         max_steps=cfg.steps, learning_rate=cfg.lr, lr_scheduler_type="linear", warmup_steps=0,
         max_grad_norm=cfg.max_grad_norm, beta=cfg.kl_coef, num_iterations=1, normalize_advantages=False,
-        logging_steps=1, save_strategy="no", activation_checkpointing=False, report_to=[], disable_tqdm=True,
+        logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
         log_completions=False, dataloader_num_workers=0)
 
 

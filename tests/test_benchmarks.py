@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,17 +55,28 @@ def test_every_run_kind_runs_on_a_tiny_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_script_runs_on_cpu_with_a_tiny_model(tmp_path):
-    """benchmarks/gpu.sh, minus CUDA: both cases, dpolab and TRL, fresh processes, one table."""
-    from tests.conftest import HH_PATH
+def test_gpu_script_runs_on_cpu_with_a_tiny_model_as_on_the_device(tmp_path):
+    """benchmarks/gpu.sh, minus CUDA, in the form the device runs it: from benchmarks/gpu_kit.sh's
+    .gpu/ (a config and tokenizer without weights, a copy of the HH file), never touching the
+    default model or ../shared. Both cases, dpolab and TRL, fresh processes, one table."""
+    from tests.conftest import HH_PATH, import_benchmark
 
     if not HH_PATH.is_file():
         pytest.skip(f"shared data not found: {HH_PATH}")
     pytest.importorskip("trl")
-    env = {**__import__("os").environ, "STD_MODEL": "random:tiny", "BIG_MODEL": "random:tiny", "PAIRS": "16", "TIMEOUT": "900",
-           "RUNS": "dpolab-bf16,trl-bf16-pre", "OUT": str(tmp_path / "gpu"), "PYTHON": sys.executable}
+    tiny = import_benchmark("bench_dpo").prepare_model("random:tiny", tmp_path)
+    base = {**os.environ, "PYTHON": sys.executable}
+    kit = subprocess.run(["bash", str(BENCH.parent / "gpu_kit.sh")], capture_output=True, text=True, timeout=300,
+                         env={**base, "KIT": str(tmp_path), "WHEELS": "0", "MODEL": tiny})
+    assert kit.returncode == 0, kit.stderr[-2000:]
+    assert "STD_MODEL=random:.gpu/model" in kit.stdout and not (tmp_path / ".gpu" / "model" / "model.safetensors").exists()
+    gpu, cache = tmp_path / ".gpu", tmp_path / "cache"
+    env = {**base, "STD_MODEL": f"random:{gpu / 'model'}", "TOKENIZER": str(gpu / "model"), "DATA": str(gpu / "hh.jsonl.gz"),
+           "BIG_MODEL": "random:tiny", "PAIRS": "16", "TIMEOUT": "900", "RUNS": "dpolab-bf16,trl-bf16-pre",
+           "OUT": str(tmp_path / "gpu"), "DPOLAB_CACHE": str(cache)}
     proc = subprocess.run(["bash", str(BENCH.parent / "gpu.sh")], capture_output=True, text=True, timeout=1200, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (cache / "SmolLM2-135M-Instruct").exists()  # the default model was never needed
     table = proc.stdout.split("=== one table ===")[1]
     for case in ("standard", "long"):
         saved = json.loads((tmp_path / f"gpu-{case}.json").read_text())

@@ -33,7 +33,7 @@ from tests.conftest import REPO, import_benchmark, write_toy_pairs
 pytestmark = pytest.mark.slow  # about a minute and a half on 2 cores: many tiny training runs
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "README.md",
-        *sorted((REPO / "benchmarks").glob("*.py")), REPO / "benchmarks" / "gpu.sh"]  # scripts: their usage lines
+        *sorted((REPO / "benchmarks").glob("*.py")), *sorted((REPO / "benchmarks").glob("*.sh"))]  # scripts: their usage lines
 
 # Commands not run here, with the reason (matched against the normalised command: one line,
 # comments removed, single spaces).
@@ -73,6 +73,8 @@ SKIP = {
     "accelerate launch --cpu --num_processes 2": "a fragment in a note of docs/distributed.md (what not to do), not a command",
     "make bench": "`python benchmarks/bench_dpo.py` with the default model (minutes); that command runs here with the tiny one",
     "bash benchmarks/gpu.sh": "the one-GPU run (minutes on a GPU, hours on a CPU); its CPU form runs in tests/test_benchmarks.py",
+    "bash benchmarks/gpu_kit.sh": "downloads wheels for the GPU machine's Python; tests/test_benchmarks.py runs it without "
+                                  "the download (WHEELS=0) and gpu.sh from what it wrote",
     "STD_MODEL=random:tiny BIG_MODEL=random:tiny PAIRS=16 bash benchmarks/gpu.sh":
         "run by tests/test_benchmarks.py::test_gpu_script_runs_on_cpu_with_a_tiny_model (which checks its table)",
 }

@@ -120,6 +120,28 @@ def test_token_logps_match_plain_path(tokenizer, layout, impl, source):
         torch.testing.assert_close(g, e, atol=2e-5, rtol=1e-5)
 
 
+def _slice_before_5_21(hidden_states, logits_to_keep):
+    """How transformers before 5.21 picked the kept positions (a 2D boolean mask fails there)."""
+    keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+    return hidden_states[:, keep, :]
+
+
+@pytest.mark.parametrize("layout", [PLAIN] + FAST, ids=["padded"] + FAST_IDS)
+def test_same_logps_with_transformers_before_boolean_logits_to_keep(tokenizer, layout, monkeypatch):
+    """pyproject allows transformers >= 4.56: one-row batches hand it positions, several rows
+    the union of their positions, and each row's own logits are picked afterwards."""
+    from transformers.models.llama import modeling_llama
+
+    model = tiny(len(tokenizer))
+    batch = collate_pairs(multi_turn_pairs(tokenizer, 6, 2, max_length=96, max_prompt_length=64), tokenizer.pad_token_id, layout)
+    with torch.no_grad():
+        want = forward_logps(model, batch)
+        monkeypatch.setattr(modeling_llama, "slice_logits_to_keep", _slice_before_5_21, raising=False)  # absent before 5.21
+        monkeypatch.setattr(logprobs, "BOOL_LOGITS_TO_KEEP", False)
+        got = forward_logps(model, batch)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("layout", FAST, ids=FAST_IDS)
 def test_dpo_loss_and_gradients_match_plain_path(tokenizer, layout):
     """Policy != reference so the loss is not ln 2; gradients of the loss agree parameter by parameter."""
@@ -174,7 +196,10 @@ def test_segments_with_gradient_checkpointing_and_lora(tokenizer):
     for layout in (PLAIN, Layout(True, True, True)):
         torch.manual_seed(0)
         model = tiny(len(tokenizer)).train()
-        model.activation_checkpointing_enable({"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # its name in transformers 5.24; 5.22 and older: gradient_checkpointing_enable
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
         chosen, rejected = pair_logps(model, collate_pairs(pairs, tokenizer.pad_token_id, layout))
         (chosen - rejected).sum().backward()
