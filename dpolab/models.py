@@ -59,6 +59,8 @@ def default_model_path() -> Path:
     gguf = _gguf_location()
     log.info("converting %s to safetensors in %s (once)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    for name, token_id in gguf_special_tokens(gguf).items():  # transformers 5.17 read the eos as <|im_start|>
+        setattr(tokenizer, name, tokenizer.convert_ids_to_tokens(token_id))
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # A GGUF-loaded model refuses save_pretrained: rebuild a plain one and copy the weights in.
@@ -73,6 +75,19 @@ def default_model_path() -> Path:
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)  # atomic: a half-written conversion is never picked up
     return target
+
+
+def gguf_special_tokens(gguf: Path) -> dict:
+    """The GGUF file's own special-token ids, e.g. {"bos_token": 1, "eos_token": 2, "pad_token": 2}."""
+    from gguf import GGUFReader  # why: only the one-time conversion reads GGUF metadata
+
+    fields = GGUFReader(str(gguf)).fields
+    out = {}
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id")):
+        field = fields.get(f"tokenizer.ggml.{key}")
+        if field is not None:
+            out[name] = int(field.parts[field.data[0]][0])
+    return out
 
 
 def resolve_model_path(name: str) -> str:

@@ -68,6 +68,16 @@ def test_default_model_converts_once_to_safetensors():
     assert model.config.model_type == "llama" and model.num_parameters() > 100_000_000
 
 
+def test_default_model_special_tokens_come_from_its_gguf():
+    """The conversion sets them from the GGUF's metadata: transformers 5.17 read this file's
+    end-of-sequence token as <|im_start|>, so chat turns would never end."""
+    from dpolab.models import _gguf_location, gguf_special_tokens
+
+    assert gguf_special_tokens(_gguf_location()) == {"bos_token": 1, "eos_token": 2, "pad_token": 2}
+    tok = load_tokenizer("default")
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+
+
 @pytest.mark.slow
 def test_dpo_on_real_hh_rlhf_with_default_model(tmp_path):
     from dpolab.train import train
