@@ -158,6 +158,11 @@ def model_inputs(model, batch: dict) -> dict:
     return kwargs
 
 
+# transformers >= 5.21 slices hidden states with a 2D boolean `logits_to_keep` (`slice_logits_to_keep`);
+# older releases index `hidden_states[:, logits_to_keep, :]` and fail on one ("too many indices").
+BOOL_LOGITS_TO_KEEP = hasattr(transformers.modeling_utils, "slice_logits_to_keep")
+
+
 def logits_to_keep(keep_mask: torch.Tensor) -> torch.Tensor:
     """transformers' `logits_to_keep` for a (N, L) bool mask, logits then (P, V) after a reshape.
 
@@ -171,11 +176,6 @@ def logits_to_keep(keep_mask: torch.Tensor) -> torch.Tensor:
     if BOOL_LOGITS_TO_KEEP:
         return keep_mask
     return keep_mask.any(0).nonzero().squeeze(1)
-
-
-# transformers >= 5.21 slices hidden states with a 2D boolean `logits_to_keep` (`slice_logits_to_keep`);
-# older releases index `hidden_states[:, logits_to_keep, :]` and fail on one ("too many indices").
-BOOL_LOGITS_TO_KEEP = hasattr(transformers.modeling_utils, "slice_logits_to_keep")
 
 
 def _kept(logits: torch.Tensor, keep_mask: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dpolab import attention
-from dpolab.data.collate import Layout, collate_pairs
+from dpolab.data.collate import Layout, _segments, collate_pairs
 from dpolab.logprobs import forward_logps
 from tests.test_logprobs import edge_pairs, multi_turn_pairs, tiny
 
@@ -56,17 +56,9 @@ def test_block_mask_matches_segments():
 
 
 def random_segments(rng, units: int) -> tuple:
-    """A prefix-shared row as `collate._segments` builds it: per unit [prompt + completion 1], completions 2.. with the prompt as context."""
-    segments, offset = [], 0
-    for _ in range(units):
-        prompt, comps = int(rng.integers(1, 300)), [int(n) for n in rng.integers(1, 300, size=int(rng.integers(1, 4)))]
-        segments.append((offset, prompt + comps[0], 0, 0))
-        start = offset + prompt + comps[0]
-        for n in comps[1:]:
-            segments.append((start, n, offset, prompt))
-            start += n
-        offset = start
-    return tuple(segments)
+    """The segments `collate._segments` builds for a row of random units (a prompt of 1-299 tokens, 1-3 completions)."""
+    return _segments([{"prompt": int(rng.integers(1, 300)), "completions": [int(n) for n in rng.integers(1, 300, size=int(rng.integers(1, 4)))]}
+                      for _ in range(units)])
 
 
 def test_block_mask_tiles_match_create_block_mask():
