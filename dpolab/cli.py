@@ -99,8 +99,23 @@ COMMANDS = {
 }
 
 
+def version_line() -> str:
+    """dpolab's version and the libraries results depend on, read from package metadata (no torch import)."""
+    from importlib import metadata
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    libraries = ", ".join(f"{name} {installed(name)}" for name in ("torch", "transformers", "peft", "accelerate"))
+    return f"dpolab {installed('dpolab')} ({libraries}; Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpolab", description="Direct Preference Optimization and its family.", allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, _, help_text) in COMMANDS.items():
         # allow_abbrev=False: `--los` must be an error, not silently `--loss`

@@ -367,3 +367,17 @@ def test_the_command_restarts_itself_with_the_tunables(tmp_path):
     out = subprocess.run([sys.executable, "-m", "dpolab", "train", "--help"], env={**env, "DPOLAB_SYSTEM_MALLOC": "1"},
                          capture_output=True, text=True)
     assert out.returncode == 0 and seen.read_text().splitlines() == ["-"]
+
+
+def test_version_names_dpolab_and_the_libraries_results_depend_on():
+    """`dpolab --version`, as bug reports need it, read from package metadata without importing torch."""
+    from importlib import metadata
+
+    proc = subprocess.run([sys.executable, "-c", "import sys\nfrom dpolab.cli import main\ntry: main(['--version'])\n"
+                           "except SystemExit as e: print('exit', e.code, 'torch' in sys.modules)"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, "COLUMNS": "300"})
+    assert proc.returncode == 0, proc.stderr
+    line, end = proc.stdout.strip().splitlines()
+    assert end == "exit 0 False"  # argparse's version action exits 0, and no torch was imported
+    assert line.startswith(f"dpolab {metadata.version('dpolab')} (torch {metadata.version('torch')}, "
+                           f"transformers {metadata.version('transformers')}, "), line

@@ -351,3 +351,18 @@ def test_extraction_reads_prompted_and_continued_lines(tmp_path):
                       "```sh\nmake demo   # long\n```\n`dpolab rank --models a,b`, `dpolab train`\n")
     assert doc_commands(sample) == [("sh", "dpolab eval --model a --data b"), ("sh", "make demo"),
                                     ("sh", "dpolab rank --models a,b")]
+
+
+def test_every_table_row_belongs_to_a_table():
+    """A row after a blank line starts a new table, which needs its own header and `|---` line;
+    without them the row renders as plain text with pipes in it (README's data-format table had one)."""
+    orphans = []
+    for doc in DOCS:
+        if doc.suffix != ".md":
+            continue
+        lines = doc.read_text().split("\n")
+        for i, line in enumerate(lines):
+            starts_block = line.startswith("|") and (i == 0 or not lines[i - 1].startswith("|"))
+            if starts_block and not re.match(r"\|\s*:?-", lines[i + 1] if i + 1 < len(lines) else ""):
+                orphans.append(f"{doc.relative_to(REPO)}:{i + 1}: {line[:50]}")
+    assert not orphans, orphans
