@@ -74,7 +74,7 @@ def worker(spec: dict) -> dict:
     from dpolab import attention
 
     segments = tuple(tuple(s) for s in spec["segments"])
-    padded = -(-(segments[-1][0] + segments[-1][1]) // attention.BUCKET) * attention.BUCKET
+    padded = attention.padded_length(segments[-1][0] + segments[-1][1])
     cpu = torch.device("cpu")
     attention.block_mask(((0, 200, 0, 0), (200, 50, 0, 100)), 256, cpu)  # first-call costs (lazy imports) out of the timing
     create_block_mask(lambda b, h, q, k: k <= q, None, None, 256, 256, device="cpu")

@@ -183,10 +183,15 @@ def unit_segments(query, key, value, segments: tuple, scaling=None, dropout=0.0)
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
 
 
+def padded_length(length: int) -> int:
+    """`length` tokens rounded up to a multiple of BUCKET: the row flex attention runs on."""
+    return -(-length // BUCKET) * BUCKET
+
+
 def flex_segments(query, key, value, segments: tuple, scaling=None) -> torch.Tensor:
     """The segments' attention as one FlexAttention call: (1, H, T, D) x (1, Hkv, T, D) -> (1, T, H, D)."""
     length = query.shape[2]
-    padded = -(-length // BUCKET) * BUCKET
+    padded = padded_length(length)
     device = query.device
     # autocast does not reach FlexAttention: cast as it would for SDPA (rotary embeddings leave q, k fp32)
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else value.dtype

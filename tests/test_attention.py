@@ -74,7 +74,7 @@ def test_block_mask_tiles_match_create_block_mask():
     rng = np.random.default_rng(0)
     for trial in range(25):
         segments = random_segments(rng, int(rng.integers(1, 7)))
-        padded = -(-(segments[-1][0] + segments[-1][1]) // attention.BUCKET) * attention.BUCKET + attention.BUCKET * (trial % 2)
+        padded = attention.padded_length(segments[-1][0] + segments[-1][1]) + attention.BUCKET * (trial % 2)
         ours = attention.block_mask(segments, padded, torch.device("cpu"))
         want = create_block_mask(ours.mask_mod, None, None, padded, padded, device="cpu")
         for kind in ("kv", "full_kv", "q", "full_q"):
@@ -85,7 +85,7 @@ def test_block_mask_tiles_match_create_block_mask():
 def test_tile_counts_count_every_visible_pair():
     """Per tile, the count is the number of visible (query, key) pairs, also with a query chunk smaller than the row."""
     segments = random_segments(np.random.default_rng(1), 4)
-    padded = -(-(segments[-1][0] + segments[-1][1]) // attention.BUCKET) * attention.BUCKET
+    padded = attention.padded_length(segments[-1][0] + segments[-1][1])
     block, first, lo, hi = attention.token_ranges(segments, padded)
     q, k = torch.arange(padded)[:, None], torch.arange(padded)[None]
     dense = ((block[q] == block[k]) & (k <= q)) | ((k >= lo[q]) & (k < hi[q]))
@@ -255,7 +255,7 @@ def test_flex_matches_loop_on_a_long_row_with_full_tiles():
     there) and many partial: the same attention as one SDPA call per block."""
     segments = random_segments(np.random.default_rng(2), 12)
     length = segments[-1][0] + segments[-1][1]
-    padded = -(-length // attention.BUCKET) * attention.BUCKET
+    padded = attention.padded_length(length)
     assert int(attention.block_mask(segments, padded, torch.device("cpu")).full_kv_num_blocks.sum()) >= 10
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 4, length, 32), torch.randn(1, 2, length, 32), torch.randn(1, 2, length, 32)
